@@ -1,0 +1,251 @@
+r"""Sparse real-time recurrent learning: K propagation paths per state unit."""
+
+import dataclasses
+from typing import Literal, final
+
+import torch
+from torch import nn
+
+from .. import kernels
+from .base import EstimatorState, OnlineEstimator
+
+
+SELECTIONS = ("random", "topk", "adversarial")
+
+
+@dataclasses.dataclass
+class SparseRTRLState(EstimatorState):
+    """Fields (besides `state` and `step_count`):
+    influence: (B, S, P), the sparse estimate of M_t.
+    path_index: (B, S, K_kept), the kept incoming paths of each unit (with
+        `keep_self`, column 0 is the unit itself); None before the first draw.
+    _spare: (B, S, P), the buffer M_{t+1} is written into (then swapped).
+    """
+
+    influence: torch.Tensor | None = None
+    path_index: torch.Tensor | None = None
+    _spare: torch.Tensor | None = None
+
+
+@final
+class SparseRTRL(OnlineEstimator):
+    r"""RTRL that propagates the influence through K of the S paths into each unit.
+
+    Exact RTRL mixes every row of the influence into every other through the
+    recurrent Jacobian. Sparse RTRL keeps, for each unit i, only K entries of
+    row i of J_t (its K incoming paths, the self-path among the candidates) and
+    drops the rest; the immediate Jacobian is kept whole:
+
+    .. math::
+        M_t = (A_t \odot J_t)\, M_{t-1} + \bar I_t                   \qquad (1)
+
+        g_t = c_t M_t                                                \qquad (2)
+
+    A_t is a 0/1 path mask with K ones per row, stored as `path_index`
+    (B, S, K), chosen per stream by `selection`: "random" (uniform without
+    replacement), "topk" (largest |J_ij| of the row) or "adversarial"
+    (smallest). With `keep_self` the self-path (i, i) is always kept, in
+    addition to K paths drawn among the other S - 1 (min(K, S - 1) of them).
+    With `rescale` (random selection only) kept entries are multiplied by S/K
+    ((S - 1)/K for the non-self entries with `keep_self`):
+
+    .. math::
+        \mathbb{E}[c A_t \odot J_t] = J_t                            \qquad (3)
+
+    and, with a fresh mask every step (`resample=1`), the influence is an
+    unbiased estimate of the exact one, because M_t is multilinear in the
+    independent masks. K = S (every path) gives exact RTRL; K = 0 keeps only
+    the immediate Jacobian (one-step truncation), and K = 0 with `keep_self`
+    keeps each unit's own past (SnAp-1 for a vanilla RNN).
+
+    Properties: biased unless `rescale` with random selection and
+    `resample=1`. Memory O(B S P); compute O(B S K P) for (1) plus O(B S^2)
+    for the Jacobian and the selection. Supports every cell.
+
+    Args:
+        cell: the recurrent cell.
+        num_paths: K in [0, S].
+        selection: "random", "topk" or "adversarial".
+        keep_self: always keep the self-path, in addition to K others.
+        resample: redraw the mask when the step count since `reset()` is a
+            multiple of this; None draws it once, at the first step.
+        rescale: scale kept entries of a random mask as in (3).
+        generator: the source of random masks (a torch.Generator, a seed, or
+            None for a seed drawn from torch's global generator).
+
+    Limitations: the reference update (`kernels.propagate_sparse`) gathers one
+    influence row per path; see `sparse-rtrl bench` for its measured cost.
+
+    References:
+        Sparse RTRL: arXiv 2603.15195 (2026). Menick, J. et al. (2021).
+        Practical real time recurrent learning with a sparse approximation.
+        ICLR. arXiv:2006.07232.
+    """
+
+    name = "sparse_rtrl"
+
+    def __init__(
+        self,
+        cell: nn.Module,
+        *,
+        num_paths: int = 4,
+        selection: Literal["random", "topk", "adversarial"] = "random",
+        keep_self: bool = False,
+        resample: int | None = 1,
+        rescale: bool = False,
+        generator: torch.Generator | int | None = None,
+        state_size: int | None = None,
+    ) -> None:
+        self.num_paths = num_paths
+        self.selection = selection
+        self.keep_self = keep_self
+        self.resample = resample
+        self.rescale = rescale
+        super().__init__(cell, state_size=state_size)
+        self._check_options()
+        self.generator = _make_generator(generator, self.adapter.device)
+        self._scale = self._path_scale()
+
+    # Options ----------------------------------------------------------------
+
+    def _check_options(self) -> None:
+        size = self.adapter.state_size
+        if isinstance(self.num_paths, bool) or not isinstance(self.num_paths, int):
+            raise TypeError(
+                f"SparseRTRL: `num_paths` must be an int, got {self.num_paths!r}."
+            )
+        if not 0 <= self.num_paths <= size:
+            raise ValueError(
+                f"SparseRTRL: `num_paths` must be in [0, state_size={size}], got "
+                f"{self.num_paths}."
+            )
+        if self.selection not in SELECTIONS:
+            raise ValueError(
+                f"SparseRTRL: unknown `selection` {self.selection!r}; expected one "
+                f"of {', '.join(SELECTIONS)}."
+            )
+        if self.resample is not None and (
+            isinstance(self.resample, bool)
+            or not isinstance(self.resample, int)
+            or self.resample < 1
+        ):
+            raise ValueError(
+                "SparseRTRL: `resample` must be a positive int (redraw every that "
+                f"many steps) or None (draw once), got {self.resample!r}."
+            )
+        if self.rescale and self.selection != "random":
+            raise ValueError(
+                "SparseRTRL: `rescale=True` applies to selection='random' only (it "
+                f"makes a random mask unbiased); got selection={self.selection!r}."
+            )
+
+    @property
+    def num_drawn(self) -> int:
+        """Paths drawn per unit besides a kept self-path."""
+        size = self.adapter.state_size
+        return min(self.num_paths, size - 1) if self.keep_self else self.num_paths
+
+    def _path_scale(self) -> torch.Tensor:
+        """(K_kept,) factor per column of `path_index`: Eq. (3)'s S/K or 1."""
+        drawn, size = self.num_drawn, self.adapter.state_size
+        candidates = size - 1 if self.keep_self else size
+        factor = candidates / drawn if self.rescale and drawn > 0 else 1.0
+        scale = [1.0] * int(self.keep_self) + [factor] * drawn
+        return torch.tensor(scale, dtype=self.adapter.dtype, device=self.adapter.device)
+
+    # The step ---------------------------------------------------------------
+
+    def _initial_memory(self, batch_size: int | None) -> SparseRTRLState:
+        if batch_size is None:
+            return SparseRTRLState()
+        shape = (batch_size, self.adapter.state_size, self.adapter.num_params)
+        return SparseRTRLState(
+            state=self.adapter.initial_state(batch_size),
+            influence=self._new_tensor(*shape),
+            _spare=self._new_tensor(*shape),
+        )
+
+    def _advance(self, x: torch.Tensor) -> torch.Tensor:
+        memory = self.memory
+        step = self.adapter.step(x, memory.state, jacobian=True)
+        jacobian = step.recurrent_jacobian
+        if self._redraw_due():
+            memory.path_index = self.select_paths(jacobian)
+
+        # Eq. (1): propagate along the kept paths, then add the immediate part.
+        weight = jacobian.gather(2, memory.path_index) * self._scale
+        kernels.propagate_sparse(
+            memory.influence, memory.path_index, weight, memory._spare
+        )
+        self.adapter.add_immediate(memory._spare, step.immediate)
+        memory.influence, memory._spare = memory._spare, memory.influence
+        return step.state
+
+    def _redraw_due(self) -> bool:
+        count = self.memory.step_count
+        if self.resample is None:
+            return self.memory.path_index is None
+        return count % self.resample == 0
+
+    def _gradient(self, credit: torch.Tensor) -> torch.Tensor:
+        # Eq. (2).
+        return kernels.influence_gradient(credit, self.memory.influence)
+
+    # Selection --------------------------------------------------------------
+
+    def select_paths(self, recurrent_jacobian: torch.Tensor) -> torch.Tensor:
+        """The kept paths of each unit for this J_t: path_index (B, S, K_kept).
+
+        Scores every candidate of a row (uniform noise, |J_ij| or -|J_ij|) and
+        keeps the K best; the top K of i.i.d. uniforms is a uniform K-subset.
+        """
+        batch, size, _ = recurrent_jacobian.shape
+        if self.selection == "random":
+            scores = torch.rand(
+                batch,
+                size,
+                size,
+                generator=self.generator,
+                dtype=self.adapter.dtype,
+                device=self.generator.device,
+            ).to(recurrent_jacobian.device)
+        elif self.selection == "topk":
+            scores = recurrent_jacobian.abs()
+        else:
+            scores = -recurrent_jacobian.abs()
+        if self.keep_self:
+            scores.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
+        drawn = scores.topk(self.num_drawn, dim=2, sorted=False).indices
+        if not self.keep_self:
+            return drawn
+        own = torch.arange(size, device=drawn.device).expand(batch, size, 1)
+        return torch.cat((own, drawn), dim=2)
+
+    # Serialisation (the mask generator is part of the learner's state) -----
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["generator_state"] = self.generator.get_state()
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        if generator_state is not None:
+            self.generator.set_state(generator_state)
+
+
+def _make_generator(
+    generator: torch.Generator | int | None, device: torch.device
+) -> torch.Generator:
+    if isinstance(generator, torch.Generator):
+        return generator
+    if generator is None:
+        generator = int(torch.randint(0, 2**62, (1,)))
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise TypeError(
+            "SparseRTRL: `generator` must be a torch.Generator, an int seed or None, "
+            f"got {type(generator).__name__}."
+        )
+    return torch.Generator(device=device).manual_seed(generator)
