@@ -218,7 +218,8 @@ class SparseRTRL(OnlineEstimator):
         drawn = scores.topk(self.num_drawn, dim=2, sorted=False).indices
         if not self.keep_self:
             return drawn
-        own = torch.arange(size, device=drawn.device).expand(batch, size, 1)
+        own = torch.arange(size, device=drawn.device).view(1, size, 1)
+        own = own.expand(batch, size, 1)
         return torch.cat((own, drawn), dim=2)
 
     # Serialisation (the mask generator is part of the learner's state) -----
