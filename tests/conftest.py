@@ -7,6 +7,11 @@ from torch import nn
 from sparse_rtrl import LeakyRNNCell
 
 
+# Tiny tensors: thread start-up costs more than the work, and one thread makes
+# the suite's timing independent of the machine's load.
+torch.set_num_threads(1)
+
+
 INPUT_SIZE = 3
 
 

@@ -9,8 +9,14 @@ opt.step(); opt.zero_grad()
 from .cells import LeakyRNNCell, adapt
 from .estimators import (
     ESTIMATORS,
+    KFRTRL,
+    RFLO,
     RTRL,
+    TBPTT,
+    UORO,
     OnlineEstimator,
+    ReadoutOnly,
+    SnAp,
     SparseRTRL,
     get_estimator,
     make_estimator,
@@ -21,9 +27,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ESTIMATORS",
+    "KFRTRL",
+    "RFLO",
     "RTRL",
+    "TBPTT",
+    "UORO",
     "LeakyRNNCell",
     "OnlineEstimator",
+    "ReadoutOnly",
+    "SnAp",
     "SparseRTRL",
     "adapt",
     "get_estimator",

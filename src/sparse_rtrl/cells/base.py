@@ -140,6 +140,60 @@ class CellAdapter(ABC):
         self._add_gate_jacobian(dense, immediate)
         return dense
 
+    def immediate_vjp(self, immediate: Immediate, vector: torch.Tensor) -> torch.Tensor:
+        """vector @ immediate per stream, (B, S) x (B, S, P) -> (B, P).
+
+        For the compact `GateJacobian` this never forms the dense (B, S, P)
+        tensor: it costs O(B P) (used by UORO's parameter factor).
+        """
+        if isinstance(immediate, torch.Tensor):
+            return torch.bmm(vector.unsqueeze(1), immediate).squeeze(1)
+        u_in, u_hid = self._gate_vjp(immediate, vector)  # (B, G*H, 1) each
+        weight_hh = u_hid * immediate.hidden.unsqueeze(1)
+        mask = self.hidden_weight_mask()
+        if mask is not None:
+            weight_hh = weight_hh * mask
+        pieces = {
+            "weight_ih": u_in * immediate.input.unsqueeze(1),
+            "weight_hh": weight_hh,
+            "bias_ih": u_in,
+            "bias_hh": u_hid,
+        }
+        return torch.cat([pieces[name].flatten(1) for name in self.names], dim=1)
+
+    def gate_rows_to_flat(self, rows: torch.Tensor) -> torch.Tensor:
+        """Flatten per-gate-row parameter blocks (..., G*H, W) into (..., P).
+
+        Row r (torch's gate order, r = g*H + i) holds the parameters of gate row
+        r: [weight_ih[r] (I), weight_hh[r] (H), bias_ih[r], bias_hh[r]], the
+        biases only when the cell has them (W = I + H + 2, else I + H). For the
+        analytic cells only (parameters `weight_ih`, `weight_hh`, `bias_*`).
+        """
+        size_in = self.cell.weight_ih.shape[1]
+        start = {"weight_ih": 0, "weight_hh": size_in}
+        start.update(bias_ih=size_in + self.hidden_size)
+        start.update(bias_hh=size_in + self.hidden_size + 1)
+        width = {"weight_ih": size_in, "weight_hh": self.hidden_size}
+        pieces = []
+        for name in self.names:
+            first = start[name]
+            block = rows[..., first : first + width.get(name, 1)]
+            pieces.append(block.reshape(*rows.shape[:-2], -1))
+        return torch.cat(pieces, dim=-1)
+
+    def _gate_vjp(
+        self, jac: GateJacobian, vector: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """vector @ d s / d (input, hidden part of each gate row), (B, G*H, 1) each."""
+        batch, _, gates = jac.wrt_input_preact.shape
+        per_unit = vector.view(batch, -1, self.hidden_size, 1)  # (B, Q, H, 1)
+
+        def per_row(wrt_preact: torch.Tensor) -> torch.Tensor:
+            units = wrt_preact.view(batch, -1, self.hidden_size, gates)
+            return (per_unit * units).sum(1).transpose(1, 2).reshape(batch, -1, 1)
+
+        return per_row(jac.wrt_input_preact), per_row(jac.wrt_hidden_preact)
+
     def flat_to_params(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Split a (..., P) tensor into views shaped like each parameter."""
         lead = flat.shape[:-1]

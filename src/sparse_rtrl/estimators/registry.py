@@ -9,13 +9,25 @@ from typing import Any
 from torch import nn
 
 from .base import OnlineEstimator
+from .kf_rtrl import KFRTRL
+from .readout_only import ReadoutOnly
+from .rflo import RFLO
 from .rtrl import RTRL
+from .snap import SnAp
 from .sparse_rtrl import SparseRTRL
+from .tbptt import TBPTT
+from .uoro import UORO
 
 
 ESTIMATORS: dict[str, type[OnlineEstimator]] = {
     "rtrl": RTRL,
     "sparse_rtrl": SparseRTRL,
+    "snap": SnAp,
+    "uoro": UORO,
+    "kf_rtrl": KFRTRL,
+    "rflo": RFLO,
+    "tbptt": TBPTT,
+    "readout_only": ReadoutOnly,
 }
 
 
