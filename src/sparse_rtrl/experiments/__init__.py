@@ -1,0 +1,1 @@
+"""Experiment layer: run bookkeeping, sweeps, the benchmark and its reports."""
