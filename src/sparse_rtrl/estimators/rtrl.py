@@ -77,7 +77,7 @@ class RTRL(OnlineEstimator):
                 step.recurrent_jacobian, memory.influence, memory._spare
             )
         # ... then add the immediate Jacobian in place.
-        self.adapter.add_immediate(memory._spare, step.immediate)
+        kernels.add_immediate(self.adapter, memory._spare, step.immediate)
         memory.influence, memory._spare = memory._spare, memory.influence
         return step.state
 

@@ -11,6 +11,7 @@ from .base import EstimatorState, OnlineEstimator
 
 
 SELECTIONS = ("random", "topk", "adversarial")
+FLOYD_MIN_CANDIDATES = 256  # below, scoring all S candidates costs fewer ops
 
 
 @dataclasses.dataclass
@@ -73,8 +74,10 @@ class SparseRTRL(OnlineEstimator):
         generator: the source of random masks (a torch.Generator, a seed, or
             None for a seed drawn from torch's global generator).
 
-    Limitations: the reference update (`kernels.propagate_sparse`) gathers one
-    influence row per path; see `sparse-rtrl bench` for its measured cost.
+    Limitations: like exact RTRL it stores the dense (B, S, P) influence, so
+    its floor is one read and one write of it per step; the update costs about
+    1.5-2x one copy of the influence and the gradient reads it once more (see
+    `sparse-rtrl bench` and the README's performance table).
 
     References:
         Sparse RTRL: arXiv 2603.15195 (2026). Menick, J. et al. (2021).
@@ -177,7 +180,7 @@ class SparseRTRL(OnlineEstimator):
         kernels.propagate_sparse(
             memory.influence, memory.path_index, weight, memory._spare
         )
-        self.adapter.add_immediate(memory._spare, step.immediate)
+        kernels.add_immediate(self.adapter, memory._spare, step.immediate)
         memory.influence, memory._spare = memory._spare, memory.influence
         return step.state
 
@@ -198,7 +201,32 @@ class SparseRTRL(OnlineEstimator):
 
         Scores every candidate of a row (uniform noise, |J_ij| or -|J_ij|) and
         keeps the K best; the top K of i.i.d. uniforms is a uniform K-subset.
+        For random selection with many candidates and few paths (at least
+        `FLOYD_MIN_CANDIDATES`, K at most 1/8 of them) the same uniform
+        K-subset is drawn by Floyd's algorithm: K draws per row instead of S.
         """
+        batch, size, _ = recurrent_jacobian.shape
+        candidates = size - 1 if self.keep_self else size
+        if self.selection == "random" and (
+            candidates >= FLOYD_MIN_CANDIDATES and 8 * self.num_drawn <= candidates
+        ):
+            drawn = _floyd_subsets(
+                self.generator, batch, size, candidates, self.num_drawn
+            )
+            drawn = drawn.to(recurrent_jacobian.device)
+            if self.keep_self:  # candidate c >= i stands for unit c + 1
+                own = torch.arange(size, device=drawn.device).view(1, size, 1)
+                drawn += drawn >= own
+        else:
+            drawn = self._top_scores(recurrent_jacobian)
+        if not self.keep_self:
+            return drawn
+        own = torch.arange(size, device=drawn.device).view(1, size, 1)
+        own = own.expand(batch, size, 1)
+        return torch.cat((own, drawn), dim=2)
+
+    def _top_scores(self, recurrent_jacobian: torch.Tensor) -> torch.Tensor:
+        """The K best-scored candidates per row (with `keep_self`, not the self)."""
         batch, size, _ = recurrent_jacobian.shape
         if self.selection == "random":
             scores = torch.rand(
@@ -215,12 +243,7 @@ class SparseRTRL(OnlineEstimator):
             scores = -recurrent_jacobian.abs()
         if self.keep_self:
             scores.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
-        drawn = scores.topk(self.num_drawn, dim=2, sorted=False).indices
-        if not self.keep_self:
-            return drawn
-        own = torch.arange(size, device=drawn.device).view(1, size, 1)
-        own = own.expand(batch, size, 1)
-        return torch.cat((own, drawn), dim=2)
+        return scores.topk(self.num_drawn, dim=2, sorted=False).indices
 
     # Serialisation (the mask generator is part of the learner's state) -----
 
@@ -235,6 +258,25 @@ class SparseRTRL(OnlineEstimator):
         super().load_state_dict(state_dict)
         if generator_state is not None:
             self.generator.set_state(generator_state)
+
+
+def _floyd_subsets(
+    generator: torch.Generator, batch: int, size: int, candidates: int, drawn: int
+) -> torch.Tensor:
+    """A uniform `drawn`-subset of range(candidates) per row: (B, S, drawn) int64.
+
+    Floyd's algorithm: for top = N - K, ..., N - 1 draw t uniform in [0, top]
+    and keep t, or top when t is already kept; every K-subset is equally likely.
+    """
+    device = generator.device
+    chosen = torch.empty(batch, size, drawn, dtype=torch.long, device=device)
+    for j, top in enumerate(range(candidates - drawn, candidates)):
+        pick = torch.randint(
+            0, top + 1, (batch, size), generator=generator, device=device
+        )
+        taken = (chosen[:, :, :j] == pick.unsqueeze(2)).any(dim=2)
+        chosen[:, :, j] = torch.where(taken, top, pick)
+    return chosen
 
 
 def _make_generator(

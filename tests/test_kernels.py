@@ -1,0 +1,274 @@
+"""Every fast influence update equals the reference path; `bench` runs and parses."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import CELL_FACTORIES, make_cell, make_stream, rel_error, state_size
+from sparse_rtrl import SparseRTRL, kernels
+from sparse_rtrl._native import numba_available
+from sparse_rtrl.cli import main
+
+
+# Tolerances on max|fast - reference| / max|reference|: a few roundings of a
+# K-term sum (the fast paths add the terms in another order, with FMA).
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+FAST = ["torch"] + (["numba"] if numba_available() else [])
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed")
+
+
+def _random_update(batch, size, num_params, paths, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    influence = torch.randn(batch, size, num_params, generator=gen, dtype=dtype)
+    index = torch.randint(0, size, (batch, size, paths), generator=gen)
+    weight = torch.randn(batch, size, paths, generator=gen, dtype=dtype)
+    return influence, index, weight
+
+
+def _run(backend, influence, index, weight):
+    out = torch.full_like(influence, float("nan"))  # every entry must be written
+    with kernels.use_backend(backend):
+        kernels.propagate_sparse(influence, index, weight, out)
+    return out
+
+
+def _reference(influence, index, weight):
+    """out[b, i] = sum_k w[b, i, k] M[b, idx[b, i, k]], term by term in float64."""
+    wide = influence.double()
+    out = torch.zeros_like(wide)
+    for b, i, k in torch.cartesian_prod(*map(torch.arange, index.shape)).tolist():
+        out[b, i] += weight[b, i, k].double() * wide[b, index[b, i, k]]
+    return out
+
+
+# The kernels on random inputs ---------------------------------------------------
+
+
+def test_reference_matches_the_definition():
+    influence, index, weight = _random_update(2, 4, 7, 3, torch.float64)
+    out = _run("reference", influence, index, weight)
+    assert rel_error([out], [_reference(influence, index, weight)]) < 1e-15
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("paths", [0, 1, 3, 4, 5, 9])
+def test_fast_backend_equals_reference(backend, dtype, paths):
+    # Repeated paths in a row are legal; K not a multiple of 4 hits the tail loop.
+    influence, index, weight = _random_update(3, 9, 301, paths, dtype)
+    reference = _run("reference", influence, index, weight)
+    out = _run(backend, influence, index, weight)
+    assert rel_error([out], [reference]) < TOLERANCE[dtype]
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_tiles_and_threads_cover_every_column(monkeypatch, dtype):
+    from sparse_rtrl._native import numba_cpu
+
+    # Tiles of 128 (float32) or 64 (float64) columns, split over 2 threads.
+    monkeypatch.setattr(numba_cpu, "CACHE_BYTES", 1)
+    monkeypatch.setattr(numba_cpu, "MIN_TILE_BYTES", 64 * 8)
+    monkeypatch.setattr(numba_cpu, "MIN_JOB_ELEMENTS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    influence, index, weight = _random_update(2, 6, 64 * 5 + 37, 4, dtype)
+    out = _run("numba", influence, index, weight)
+    expected = _reference(influence, index, weight)
+    assert rel_error([out.double()], [expected]) < TOLERANCE[dtype]
+
+
+def test_torch_backend_several_tiles(monkeypatch):
+    monkeypatch.setattr(kernels, "GATHER_BYTES", 1)  # the minimum: 256 columns
+    influence, index, weight = _random_update(2, 5, 256 * 3 + 11, 4, torch.float64)
+    out = _run("torch", influence, index, weight)
+    assert rel_error([out], [_reference(influence, index, weight)]) < 1e-12
+
+
+def test_exact_update_is_the_product():
+    gen = torch.Generator().manual_seed(3)
+    jacobian = torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
+    influence = torch.randn(2, 5, 13, generator=gen, dtype=torch.float64)
+    out = torch.empty_like(influence)
+    kernels.propagate_exact(jacobian, influence, out)
+    expected = torch.einsum("bij,bjp->bip", jacobian, influence)
+    assert rel_error([out], [expected]) < 1e-15
+
+
+IMMEDIATE_CASES = [
+    f"{kind}-{bias}" for kind in sorted(CELL_FACTORIES) for bias in ("bias", "nobias")
+] + ["leaky-masked"]
+
+
+def _immediate_cell(case):
+    from sparse_rtrl import LeakyRNNCell
+
+    if case == "leaky-masked":
+        gen = torch.Generator().manual_seed(0)
+        mask = (torch.rand(4, 4, generator=gen) > 0.5).float()
+        return LeakyRNNCell(3, 4, recurrent_mask=mask).double()
+    kind, bias = case.split("-")
+    return make_cell(kind, 4, bias=bias == "bias")
+
+
+@pytest.mark.parametrize("case", IMMEDIATE_CASES)
+def test_add_immediate_equals_the_adapter(case):
+    cell = _immediate_cell(case)
+    learner = SparseRTRL(cell, num_paths=1)
+    xs, _ = make_stream(2, 2)
+    learner.step(xs[0])  # a nonzero state, so every block of the immediate is
+    adapter, state = learner.adapter, learner.memory.state
+    with torch.no_grad():
+        step = adapter.step(xs[1], state, jacobian=False)
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(
+        learner.memory.influence.shape, generator=gen, dtype=state.dtype
+    )
+    expected, fast = start.clone(), start.clone()
+    adapter.add_immediate(expected, step.immediate)
+    kernels.add_immediate(adapter, fast, step.immediate)
+    assert (expected != start).any()
+    assert rel_error([fast], [expected]) < 1e-15
+
+
+@pytest.mark.parametrize("keep_self", [False, True])
+def test_floyd_selection_is_a_uniform_subset(keep_self):
+    from sparse_rtrl.estimators.sparse_rtrl import FLOYD_MIN_CANDIDATES
+
+    size, paths, batch = FLOYD_MIN_CANDIDATES + 1, 3, 64
+    cell = torch.nn.RNNCell(1, size)
+    learner = SparseRTRL(cell, num_paths=paths, keep_self=keep_self, generator=0)
+    index = learner.select_paths(torch.zeros(batch, size, size))
+    drawn = index[:, :, 1:] if keep_self else index
+    assert drawn.shape == (batch, size, paths)
+    if keep_self:
+        assert (index[:, :, 0] == torch.arange(size)).all()
+        assert (drawn != torch.arange(size).view(1, size, 1)).all()
+    ordered = drawn.sort(dim=2).values
+    assert (ordered[:, :, 1:] > ordered[:, :, :-1]).all()  # distinct
+    assert drawn.min() >= 0 and drawn.max() < size
+
+    # Each candidate of a row is kept with probability K / candidates.
+    candidates = size - 1 if keep_self else size
+    offset = (drawn - torch.arange(size).view(1, size, 1)) % size  # 1..S-1 if keep
+    counts = torch.bincount(offset.flatten(), minlength=size).double()
+    counts = counts[1:] if keep_self else counts
+    expected = batch * size * paths / candidates
+    spread = (expected * (1 - paths / candidates)) ** 0.5
+    assert (counts - expected).abs().max() < 5 * spread
+
+
+# Through the estimator: every cell kind -----------------------------------------
+
+
+def _influence_trajectory(kind, dtype, paths, keep_self, backend, steps=4):
+    cell = make_cell(kind, 4, dtype=dtype)
+    size = state_size(cell)
+    learner = SparseRTRL(
+        cell, num_paths=min(paths, size), keep_self=keep_self, generator=5
+    )
+    xs, _ = make_stream(2, steps, dtype=dtype)
+    with kernels.use_backend(backend):
+        for x in xs:
+            learner.step(x)
+    return learner.memory.influence.clone()
+
+
+@pytest.mark.parametrize("kind", sorted(CELL_FACTORIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("paths", [0, 1, 99])  # 99 is clipped to S: every path
+@pytest.mark.parametrize("keep_self", [False, True])
+def test_sparse_rtrl_fast_paths_equal_reference(kind, dtype, paths, keep_self):
+    reference = _influence_trajectory(kind, dtype, paths, keep_self, "reference")
+    assert reference.abs().max() > 0
+    for backend in FAST:
+        fast = _influence_trajectory(kind, dtype, paths, keep_self, backend)
+        assert rel_error([fast], [reference]) < TOLERANCE[dtype], backend
+
+
+# Backend choice -----------------------------------------------------------------
+
+
+def test_backend_choice_and_restore():
+    before = kernels.get_backend()
+    with kernels.use_backend("reference"):
+        assert kernels.resolve_backend(torch.zeros(1, 1, 1)) == "reference"
+    assert kernels.get_backend() == before
+    with pytest.raises(ValueError, match="must be one of"):
+        kernels.set_backend("fastest")
+
+
+def test_environment_variable_is_checked(monkeypatch):
+    monkeypatch.setattr(kernels, "_backend", None)
+    monkeypatch.setenv(kernels.ENVIRONMENT_VARIABLE, "torch")
+    assert kernels.get_backend() == "torch"
+    monkeypatch.setenv(kernels.ENVIRONMENT_VARIABLE, "gpu")
+    with pytest.raises(ValueError, match="SPARSE_RTRL_KERNELS"):
+        kernels.get_backend()
+
+
+def test_auto_falls_back_to_torch_without_numba(monkeypatch):
+    monkeypatch.setattr(kernels, "numba_available", lambda: False)
+    influence = torch.zeros(1, 2, 3)
+    with kernels.use_backend("auto"):
+        assert kernels.resolve_backend(influence) == "torch"
+    with kernels.use_backend("numba"), pytest.raises(NotImplementedError, match="fast"):
+        kernels.resolve_backend(influence)
+
+
+def test_auto_picks_torch_off_cpu_float(monkeypatch):
+    monkeypatch.setattr(kernels, "numba_available", lambda: True)
+    with kernels.use_backend("auto"):
+        assert kernels.resolve_backend(torch.zeros(1, 2, 3)) == "numba"
+        assert kernels.resolve_backend(torch.zeros(1, 2, 3).bfloat16()) == "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_torch_backend_equals_reference():
+    influence, index, weight = _random_update(2, 8, 333, 4, torch.float32)
+    influence, index, weight = influence.cuda(), index.cuda(), weight.cuda()
+    reference = _run("reference", influence, index, weight)
+    out = _run("auto", influence, index, weight)
+    assert rel_error([out.cpu()], [reference.cpu()]) < TOLERANCE[torch.float32]
+
+
+# The bench command ----------------------------------------------------------------
+
+
+def test_bench_smoke(monkeypatch, tmp_path, capsys):
+    from sparse_rtrl.experiments import bench
+
+    monkeypatch.setattr(bench, "MIN_BLOCK_S", 0.001)
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--sizes", "6", "--paths", "0", "2", "--repeats", "1"]
+    assert main([*argv, "--json", str(path)]) == 0
+
+    record = json.loads(path.read_text())
+    rows = {(r["estimator"], r["k"]): r for r in record["rows"]}
+    exact, sparse = rows[("rtrl", 6)], rows[("sparse_rtrl", 2)]
+    assert exact["num_params"] == 6 * 1 + 6 * 6 + 2 * 6
+    assert exact["vs_exact"] == 1.0
+    for row in (exact, sparse):
+        assert row["ms_per_step"] > 0 and row["floor_ms"] > 0
+        assert row["steps_per_s"] == pytest.approx(1e3 / row["ms_per_step"])
+        assert row["vs_floor"] == pytest.approx(row["ms_per_step"] / row["floor_ms"])
+    assert {"sparse_rtrl", "rtrl"} <= {r["estimator"] for r in record["rows"]}
+    assert "date_utc" in record["machine"] and "cpu" in record["machine"]
+
+    table = [line for line in capsys.readouterr().out.splitlines() if "|" in line]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header[:5] == ["estimator", "n", "k", "P", "ms/step"]
+    body = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    assert len(body) == len(record["rows"])
+    assert all(len(cells) == len(header) for cells in body)
+    exact_cells = next(cells for cells in body if cells[0] == "rtrl")
+    assert float(exact_cells[4]) == pytest.approx(exact["ms_per_step"], abs=1e-3)
+
+
+def test_bench_rejects_bad_options(capsys):
+    assert main(["bench", "--sizes", "0"]) == 2
+    assert "`sizes` must be integers >= 1" in capsys.readouterr().err
+    assert main(["bench", "--estimators", "nope"]) == 2
+    assert "unknown estimators" in capsys.readouterr().err
