@@ -59,6 +59,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .estimators.base import make_generator
+
 
 SELECTIONS = ("random", "fixed")
 DRAWS = ("per_layer", "shared")
@@ -127,7 +129,7 @@ class HeadSelector:
         self.num_carrying = carrying_head_count(fraction, num_heads)
         self.selection = selection
         self.draws = draws
-        self.generator = _make_generator(generator)
+        self.generator = make_generator(generator, torch.device("cpu"), "HeadSelector")
         self.carry: torch.Tensor | None = None
         self.step_count = 0
         if self.num_carrying == 0 and fraction > 0:
@@ -535,19 +537,6 @@ def _attend(
         future = torch.ones(steps, steps, dtype=torch.bool, device=query.device)
         scores = scores.masked_fill(future.triu(1), float("-inf"))
     return torch.softmax(scores, dim=-1) @ value
-
-
-def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        return generator
-    if generator is None:
-        generator = int(torch.randint(0, 2**62, (1,)))
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise TypeError(
-            "HeadSelector: `generator` must be a torch.Generator, an int seed or "
-            f"None, got {type(generator).__name__}."
-        )
-    return torch.Generator().manual_seed(generator)
 
 
 def _check_fraction(fraction: float, who: str) -> None:

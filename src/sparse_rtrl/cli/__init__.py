@@ -12,7 +12,7 @@ import importlib
 import sys
 
 
-SUBCOMMANDS = ("list_",)
+SUBCOMMANDS = ("list_", "sweep", "bench", "run", "reproduce", "report", "analyze")
 
 
 class UserError(Exception):

@@ -113,8 +113,12 @@ class OnlineEstimator(ABC):
     # Serialisation ----------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The memory record (tensors cloned), not the cell's parameters."""
+        """The memory record (tensors cloned) and, for a stochastic estimator,
+        its generator's state; not the cell's parameters."""
         out = {}
+        generator = getattr(self, "generator", None)
+        if generator is not None:
+            out["generator_state"] = generator.get_state()
         for field in dataclasses.fields(self.memory):
             value = getattr(self.memory, field.name)
             if field.name.startswith("_"):
@@ -126,6 +130,10 @@ class OnlineEstimator(ABC):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a record saved by `state_dict`."""
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)
+        if generator_state is not None:
+            self.generator.set_state(generator_state)
         batch = None if state_dict["state"] is None else state_dict["state"].shape[0]
         memory = self._initial_memory(batch)
         for name, value in state_dict.items():
@@ -235,3 +243,20 @@ class OnlineEstimator(ABC):
                 f"{who}: `x` holds non-finite values (NaN or inf) at step "
                 f"{self.memory.step_count}; clean the input stream."
             )
+
+
+def make_generator(
+    generator: torch.Generator | int | None, device: torch.device, who: str
+) -> torch.Generator:
+    """A torch.Generator from a generator, an int seed, or None (a seed drawn
+    from torch's global generator, so `torch.manual_seed` makes it repeatable)."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    if generator is None:
+        generator = int(torch.randint(0, 2**62, (1,)))
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise TypeError(
+            f"{who}: `generator` must be a torch.Generator, an int seed or None, "
+            f"got {type(generator).__name__}."
+        )
+    return torch.Generator(device=device).manual_seed(generator)

@@ -6,8 +6,7 @@ from typing import final
 import torch
 from torch import nn
 
-from .base import EstimatorState, OnlineEstimator
-from .uoro import make_generator
+from .base import EstimatorState, OnlineEstimator, make_generator
 
 
 @dataclasses.dataclass
@@ -145,20 +144,6 @@ class KFRTRL(OnlineEstimator):
             size_in = self.cell.weight_ih.shape[1]
             rows[:, size_in : size_in + self.adapter.hidden_size].mul_(mask)
         return self.adapter.gate_rows_to_flat(rows)
-
-    # Serialisation (the sign generator is part of the learner's state) ------
-
-    def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["generator_state"] = self.generator.get_state()
-        return out
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        generator_state = state_dict.pop("generator_state", None)
-        super().load_state_dict(state_dict)
-        if generator_state is not None:
-            self.generator.set_state(generator_state)
 
 
 def _ratio(

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from .base import EstimatorState, OnlineEstimator
+from .base import EstimatorState, OnlineEstimator, make_generator
 
 
 SELECTIONS = ("random", "topk", "adversarial")
@@ -106,7 +106,7 @@ class SparseRTRL(OnlineEstimator):
         self.rescale = rescale
         super().__init__(cell, state_size=state_size)
         self._check_options()
-        self.generator = _make_generator(generator, self.adapter.device)
+        self.generator = make_generator(generator, self.adapter.device, "SparseRTRL")
         self._scale = self._path_scale()
 
     # Options ----------------------------------------------------------------
@@ -245,20 +245,6 @@ class SparseRTRL(OnlineEstimator):
             scores.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
         return scores.topk(self.num_drawn, dim=2, sorted=False).indices
 
-    # Serialisation (the mask generator is part of the learner's state) -----
-
-    def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["generator_state"] = self.generator.get_state()
-        return out
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        generator_state = state_dict.pop("generator_state", None)
-        super().load_state_dict(state_dict)
-        if generator_state is not None:
-            self.generator.set_state(generator_state)
-
 
 def _floyd_subsets(
     generator: torch.Generator, batch: int, size: int, candidates: int, drawn: int
@@ -277,18 +263,3 @@ def _floyd_subsets(
         taken = (chosen[:, :, :j] == pick.unsqueeze(2)).any(dim=2)
         chosen[:, :, j] = torch.where(taken, top, pick)
     return chosen
-
-
-def _make_generator(
-    generator: torch.Generator | int | None, device: torch.device
-) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        return generator
-    if generator is None:
-        generator = int(torch.randint(0, 2**62, (1,)))
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise TypeError(
-            "SparseRTRL: `generator` must be a torch.Generator, an int seed or None, "
-            f"got {type(generator).__name__}."
-        )
-    return torch.Generator(device=device).manual_seed(generator)

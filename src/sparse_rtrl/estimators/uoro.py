@@ -8,7 +8,7 @@ from torch import nn
 
 from ..cells.analytic import ElmanAdapter
 from ..cells.base import GateJacobian
-from .base import EstimatorState, OnlineEstimator
+from .base import EstimatorState, OnlineEstimator, make_generator
 
 
 @dataclasses.dataclass
@@ -134,20 +134,6 @@ class UORO(OnlineEstimator):
         weight = (credit * memory.state_factor).sum(1)  # (B,)
         return weight @ memory.param_factor
 
-    # Serialisation (the sign generator is part of the learner's state) ------
-
-    def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["generator_state"] = self.generator.get_state()
-        return out
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        generator_state = state_dict.pop("generator_state", None)
-        super().load_state_dict(state_dict)
-        if generator_state is not None:
-            self.generator.set_state(generator_state)
-
 
 def _elman_jvp(
     adapter: ElmanAdapter, immediate: GateJacobian, vector: torch.Tensor
@@ -169,19 +155,3 @@ def _balance(
     """sqrt((|a| + eps) / (|b| + eps)) per stream, as a (B, 1) column."""
     top = numerator.norm(dim=1, keepdim=True) + eps
     return torch.sqrt(top / (denominator.norm(dim=1, keepdim=True) + eps))
-
-
-def make_generator(
-    generator: torch.Generator | int | None, device: torch.device, who: str
-) -> torch.Generator:
-    """A torch.Generator from a generator, an int seed or None (a fresh seed)."""
-    if isinstance(generator, torch.Generator):
-        return generator
-    if generator is None:
-        generator = int(torch.randint(0, 2**62, (1,)))
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise TypeError(
-            f"{who}: `generator` must be a torch.Generator, an int seed or None, "
-            f"got {type(generator).__name__}."
-        )
-    return torch.Generator(device=device).manual_seed(generator)

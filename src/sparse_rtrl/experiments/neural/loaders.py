@@ -279,8 +279,18 @@ def _nwb_unit_spikes(file, path: Path) -> list[np.ndarray]:
             f"(last end {int(ends[-1])}, {times.size} spike times); the file is "
             "damaged."
         )
+    _check_finite_spikes(times, path, "units/spike_times")
     starts = np.concatenate(([0], ends[:-1]))
     return [times[a:b] for a, b in zip(starts, ends, strict=True)]
+
+
+def _check_finite_spikes(times: np.ndarray, path: Path, where: str) -> None:
+    bad = int(np.size(times) - np.isfinite(times).sum())
+    if bad:
+        raise NeuralDataError(
+            f"{path}: `{where}` holds {bad} non-finite spike time(s) (NaN or "
+            "inf); the file is damaged or was written with missing values."
+        )
 
 
 def _nwb_channels(file, path: Path, num_units: int) -> tuple[np.ndarray, tuple]:
@@ -449,6 +459,7 @@ def _mat_spikes(file, path: Path, num_channels: int) -> tuple[list, np.ndarray]:
             if node.attrs.get("MATLAB_empty", 0) or node.size == 0:
                 continue
             unit_spikes.append(np.asarray(node[()], dtype=np.float64).ravel())
+            _check_finite_spikes(unit_spikes[-1], path, "spikes")
             unit_channel.append(channel)
     return unit_spikes, np.asarray(unit_channel, dtype=np.int64)
 
