@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from conftest import CELL_FACTORIES, make_cell, make_stream, rel_error, state_size
+from conftest import (
+    CELL_FACTORIES,
+    make_cell,
+    make_readout,
+    make_stream,
+    online_gradients,
+    rel_error,
+    state_size,
+)
 from sparse_rtrl import SparseRTRL, kernels
 from sparse_rtrl._native import numba_available
 from sparse_rtrl.cli import main
@@ -15,7 +23,7 @@ from sparse_rtrl.cli import main
 # K-term sum (the fast paths add the terms in another order, with FMA).
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
 
-FAST = ["torch"] + (["numba"] if numba_available() else [])
+FAST = ["torch", "dense"] + (["numba"] if numba_available() else [])
 needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed")
 
 
@@ -187,13 +195,35 @@ def test_sparse_rtrl_fast_paths_equal_reference(kind, dtype, paths, keep_self):
         assert rel_error([fast], [reference]) < TOLERANCE[dtype], backend
 
 
+def _gradient_trajectory(kind, dtype, backend, steps=5):
+    cell = make_cell(kind, 6, dtype=dtype)
+    learner = SparseRTRL(cell, num_paths=2, keep_self=True, generator=3)
+    readout = make_readout(cell)
+    xs, ys = make_stream(2, steps, dtype=dtype)
+    with kernels.use_backend(backend):
+        grads = online_gradients(learner, cell, readout, xs, ys)
+        return grads + [learner.memory.influence.clone()]
+
+
+@pytest.mark.parametrize("kind", sorted(CELL_FACTORIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_immediate_added_in_the_update_pass_equals_reference(kind, dtype):
+    """The numba backend adds a compact immediate Jacobian inside the update's
+    pass: gradients and influence over an online run equal the reference
+    path's, which adds it afterwards."""
+    reference = _gradient_trajectory(kind, dtype, "reference")
+    for backend in FAST:
+        fast = _gradient_trajectory(kind, dtype, backend)
+        assert rel_error(fast, reference) < TOLERANCE[dtype], backend
+
+
 # Backend choice -----------------------------------------------------------------
 
 
 def test_backend_choice_and_restore():
     before = kernels.get_backend()
     with kernels.use_backend("reference"):
-        assert kernels.resolve_backend(torch.zeros(1, 1, 1)) == "reference"
+        assert kernels.resolve_backend(torch.zeros(1, 1, 1), 1) == "reference"
     assert kernels.get_backend() == before
     with pytest.raises(ValueError, match="must be one of"):
         kernels.set_backend("fastest")
@@ -210,18 +240,28 @@ def test_environment_variable_is_checked(monkeypatch):
 
 def test_auto_falls_back_to_torch_without_numba(monkeypatch):
     monkeypatch.setattr(kernels, "numba_available", lambda: False)
-    influence = torch.zeros(1, 2, 3)
+    influence = torch.zeros(1, 8, 3)
     with kernels.use_backend("auto"):
-        assert kernels.resolve_backend(influence) == "torch"
+        assert kernels.resolve_backend(influence, 1) == "torch"
     with kernels.use_backend("numba"), pytest.raises(NotImplementedError, match="fast"):
-        kernels.resolve_backend(influence)
+        kernels.resolve_backend(influence, 1)
 
 
 def test_auto_picks_torch_off_cpu_float(monkeypatch):
     monkeypatch.setattr(kernels, "numba_available", lambda: True)
     with kernels.use_backend("auto"):
-        assert kernels.resolve_backend(torch.zeros(1, 2, 3)) == "numba"
-        assert kernels.resolve_backend(torch.zeros(1, 2, 3).bfloat16()) == "torch"
+        assert kernels.resolve_backend(torch.zeros(1, 8, 3), 1) == "numba"
+        assert kernels.resolve_backend(torch.zeros(1, 8, 3).bfloat16(), 1) == "torch"
+
+
+@pytest.mark.parametrize(
+    ("size", "paths"), [(8, 1), (8, 4), (64, 16), (64, 31), (64, 32), (5, 5)]
+)
+def test_auto_multiplies_densely_from_half_of_the_paths(size, paths):
+    dense = paths >= kernels.DENSE_MIN_FRACTION * size
+    with kernels.use_backend("auto"):
+        got = kernels.resolve_backend(torch.zeros(1, size, 3), paths)
+    assert (got == "dense") == dense
 
 
 @pytest.mark.gpu

@@ -73,12 +73,18 @@ def test_every_method_of_a_seed_shares_the_pretrained_net_and_the_stream(cache):
     assert other["pretrained_hash"] != weights and other["stream_hash"] != stream
 
 
-def test_k_equal_n_through_the_sparse_code_recovers_exactly(cache):
-    size = {"cell": {"hidden_size": 16}, "run": {"adapt_steps": 150}}
-    frozen = run(tiny(**size), 3, cache, "kn-frozen")
-    full = run(tiny("rtrl", {}, **size), 3, cache, "kn-full")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_k_equal_n_through_the_sparse_code_recovers_exactly(cache, dtype):
+    # In float32 too: with every path kept the sparse update multiplies by J_t
+    # itself, so no rounding difference exists for 150 Adam steps to amplify.
+    size = {"cell": {"hidden_size": 16}, "run": {"adapt_steps": 150, "dtype": dtype}}
+    frozen = run(tiny(**size), 3, cache, f"kn-frozen-{dtype}")
+    full = run(tiny("rtrl", {}, **size), 3, cache, f"kn-full-{dtype}")
     sparse = run(
-        tiny("sparse_rtrl", {"num_paths": "all"}, **size), 3, cache, "kn-sparse"
+        tiny("sparse_rtrl", {"num_paths": "all"}, **size),
+        3,
+        cache,
+        f"kn-sparse-{dtype}",
     )
     assert stats.gap(frozen["loss_final"], full["loss_final"]) > 0.05
     value = stats.recovery(
@@ -129,3 +135,37 @@ def test_overrides_are_type_checked_and_unknown_keys_listed():
             base, ["estimator.name=rtrl", "estimator.options.num_paths=3"]
         )
     assert cfg.resolve(base) == base
+
+
+def test_learning_rate_choice_takes_the_best_worst_size(monkeypatch):
+    """choose_learning_rates: per pair, the rate whose largest loss over the
+    sizes is smallest (not the best at one size)."""
+    from sparse_rtrl.experiments import protocol
+
+    losses = {  # (lr, n) -> loss: 1e-2 is best at n=32 but blows up at n=256
+        (1e-3, 32): 0.9,
+        (1e-3, 256): 0.8,
+        (3e-3, 32): 0.7,
+        (3e-3, 256): 1.3,
+        (1e-2, 32): 0.6,
+        (1e-2, 256): float("inf"),
+    }
+    monkeypatch.setitem(protocol.LR_GRIDS, "adam", (1e-3, 3e-3, 1e-2))
+    monkeypatch.setattr(
+        protocol, "lr_select_loss", lambda task, opt, lr, seed, n: losses[lr, n]
+    )
+    table = protocol.choose_learning_rates({("sine", "adam"): (32, 256)})
+    assert table["chosen"] == {"sine": {"adam": 1e-3}}
+    assert table["final_losses"]["sine"]["adam"]["0.003"] == {"32": 0.7, "256": 1.3}
+
+
+def test_the_learning_rate_table_covers_every_size_it_serves():
+    """The shipped table was chosen over the sizes the studies run each pair
+    at; a study that adds a size or a pair makes this fail until it is redone."""
+    from sparse_rtrl.experiments.protocol import lr_select_sizes
+
+    table = cfg.learning_rates()
+    sizes = {tuple(k.split("/")): tuple(v) for k, v in table["sizes"].items()}
+    assert sizes == lr_select_sizes()
+    for task, optimizer in sizes:
+        assert table["chosen"][task][optimizer] in table["grid"][optimizer]

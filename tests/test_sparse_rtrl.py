@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from conftest import (
+    CELL_FACTORIES,
     make_cell,
     make_readout,
     make_stream,
@@ -15,7 +16,8 @@ from conftest import (
     rel_error,
     state_size,
 )
-from sparse_rtrl import RTRL, SparseRTRL, adapt
+from sparse_rtrl import RTRL, SparseRTRL, adapt, kernels
+from sparse_rtrl._native import numba_available
 
 
 EXACT = 1e-12  # float64; the sparse sum visits the same terms in another order
@@ -24,9 +26,19 @@ SETTINGS = list(
 )
 
 
+# Every backend: the gathers sum the S terms in another order than the matmul.
+BACKENDS = ["auto", "torch", "reference"] + (["numba"] if numba_available() else [])
+
+
 @pytest.mark.parametrize(("selection", "keep_self", "resample"), SETTINGS)
 @pytest.mark.parametrize("kind", ["leaky", "lstm"])
-def test_all_paths_equal_exact_rtrl(kind, selection, keep_self, resample):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_paths_equal_exact_rtrl(kind, selection, keep_self, resample, backend):
+    with kernels.use_backend(backend):
+        _check_all_paths_equal_exact_rtrl(kind, selection, keep_self, resample)
+
+
+def _check_all_paths_equal_exact_rtrl(kind, selection, keep_self, resample):
     cell = make_cell(kind, seed=5)
     readout = make_readout(cell)
     xs, ys = make_stream(batch=3, steps=12, seed=6)
@@ -43,6 +55,32 @@ def test_all_paths_equal_exact_rtrl(kind, selection, keep_self, resample):
     got = online_gradients(sparse, cell, readout, xs, ys)
     assert rel_error(got, expected) <= EXACT
     assert rel_error([sparse.memory.influence], [exact.memory.influence]) <= EXACT
+
+
+@pytest.mark.parametrize("kind", sorted(CELL_FACTORIES))
+@pytest.mark.parametrize("keep_self", [False, True])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_all_paths_are_bitwise_exact_rtrl_in_float32(kind, keep_self, rescale):
+    """With every path kept the default backend multiplies by J_t itself, so the
+    float32 influence and gradients are exact RTRL's bit for bit: a long online
+    run through the sparse code follows exact RTRL's trajectory, with no
+    rounding difference for the optimizer to amplify."""
+    cell = make_cell(kind, seed=5, dtype=torch.float32)
+    readout = make_readout(cell)
+    xs, ys = make_stream(batch=2, steps=15, seed=6, dtype=torch.float32)
+    exact = RTRL(cell)
+    expected = online_gradients(exact, cell, readout, xs, ys)
+    sparse = SparseRTRL(
+        cell,
+        num_paths=state_size(cell),
+        keep_self=keep_self,
+        rescale=rescale,
+        generator=0,
+    )
+    with kernels.use_backend("auto"):
+        got = online_gradients(sparse, cell, readout, xs, ys)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert torch.equal(sparse.memory.influence, exact.memory.influence)
 
 
 def _truncated_gradients(cell, readout, xs, ys):
@@ -210,3 +248,27 @@ def test_rescaled_random_masks_are_unbiased():
 def test_unrescaled_random_masks_are_biased():
     mean, stderr, exact = _mean_influence(rescale=False)
     assert not _within(mean, stderr, exact)
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "generic"])
+def test_deferred_update_gives_the_same_bits_whether_or_not_it_is_read(kind):
+    """`backward` runs the step's update with the gradient in one pass; reading
+    `memory.influence` first runs the update alone. Both give the same bits."""
+
+    def trajectory(peek):
+        cell = make_cell(kind, 6, seed=4, dtype=torch.float32)
+        learner = SparseRTRL(cell, num_paths=2, generator=1)
+        readout = make_readout(cell)
+        xs, ys = make_stream(batch=2, steps=8, seed=3, dtype=torch.float32)
+        out = []
+        for x, y in zip(xs, ys, strict=True):
+            hidden = learner.step(x)
+            if peek:
+                learner.memory.influence  # noqa: B018 - runs the update alone
+            learner.backward(((readout(hidden) - y) ** 2).sum())
+            out += [p.grad.clone() for p in cell.parameters()]
+            out.append(learner.memory.influence.clone())
+        return out
+
+    for a, b in zip(trajectory(False), trajectory(True), strict=True):
+        assert torch.equal(a, b)

@@ -1,7 +1,8 @@
 r"""Sparse real-time recurrent learning: K propagation paths per state unit."""
 
 import dataclasses
-from typing import Literal, final
+from collections.abc import Callable
+from typing import Any, Literal, final
 
 import torch
 from torch import nn
@@ -17,15 +18,31 @@ FLOYD_MIN_CANDIDATES = 256  # below, scoring all S candidates costs fewer ops
 @dataclasses.dataclass
 class SparseRTRLState(EstimatorState):
     """Fields (besides `state` and `step_count`):
-    influence: (B, S, P), the sparse estimate of M_t.
+    influence: (B, S, P), the sparse estimate of M_t (a property: reading it
+        runs the step's update if `backward` has not run it yet).
     path_index: (B, S, K_kept), the kept incoming paths of each unit (with
         `keep_self`, column 0 is the unit itself); None before the first draw.
+    _current: the influence as of the last update that ran.
     _spare: (B, S, P), the buffer M_{t+1} is written into (then swapped).
+    _pending: the step's deferred update, or None once it has run.
+    _fused: whether the last update ran as one pass (`kernels.fuses_update`).
     """
 
-    influence: torch.Tensor | None = None
     path_index: torch.Tensor | None = None
+    _current: torch.Tensor | None = None
     _spare: torch.Tensor | None = None
+    _pending: Callable[..., Any] | None = None
+    _fused: bool | None = None
+
+    @property
+    def influence(self) -> torch.Tensor | None:
+        if self._pending is not None:
+            self._pending()
+        return self._current
+
+    @influence.setter
+    def influence(self, value: torch.Tensor | None) -> None:
+        self._pending, self._current = None, value
 
 
 @final
@@ -63,6 +80,11 @@ class SparseRTRL(OnlineEstimator):
     `resample=1`. Memory O(B S P); compute O(B S K P) for (1) plus O(B S^2)
     for the Jacobian and the selection. Supports every cell.
 
+    The update (1) of step t waits for `backward`, which runs it together with
+    (2) in one pass over M_t where the kernel backend can
+    (`kernels.sparse_step`); otherwise the next `step`, `state_dict` or any
+    read of `memory.influence` runs it. The results are the same, to the bit.
+
     Args:
         cell: the recurrent cell.
         num_paths: K in [0, S].
@@ -75,8 +97,8 @@ class SparseRTRL(OnlineEstimator):
             None for a seed drawn from torch's global generator).
 
     Limitations: like exact RTRL it stores the dense (B, S, P) influence, so
-    its floor is one read and one write of it per step; the update costs about
-    1.5-2x one copy of the influence and the gradient reads it once more (see
+    its floor is one read and one write of it per step, and the update, with
+    the gradient formed in the same pass, takes a small multiple of that (see
     `sparse-rtrl bench` and the README's performance table).
 
     References:
@@ -164,25 +186,45 @@ class SparseRTRL(OnlineEstimator):
         shape = (batch_size, self.adapter.state_size, self.adapter.num_params)
         return SparseRTRLState(
             state=self.adapter.initial_state(batch_size),
-            influence=self._new_tensor(*shape),
+            _current=self._new_tensor(*shape),
             _spare=self._new_tensor(*shape),
         )
 
     def _advance(self, x: torch.Tensor) -> torch.Tensor:
         memory = self.memory
+        self._run_update()  # the previous step's, if no backward ran it
         step = self.adapter.step(x, memory.state, jacobian=True)
         jacobian = step.recurrent_jacobian
         if self._redraw_due():
             memory.path_index = self.select_paths(jacobian)
-
-        # Eq. (1): propagate along the kept paths, then add the immediate part.
         weight = jacobian.gather(2, memory.path_index) * self._scale
-        kernels.propagate_sparse(
-            memory.influence, memory.path_index, weight, memory._spare
+        memory._pending = lambda credit=None: self._update(
+            memory, weight, step.immediate, credit
         )
-        kernels.add_immediate(self.adapter, memory._spare, step.immediate)
-        memory.influence, memory._spare = memory._spare, memory.influence
         return step.state
+
+    def _update(self, memory, weight, immediate, credit=None):
+        """Eq. (1) along the kept paths plus the immediate part; with a credit
+        also Eq. (2) on the result, in the same pass where the backend can."""
+        memory._pending = None
+        memory._fused = kernels.fuses_update(
+            self.adapter, memory._current, memory.path_index, immediate
+        )
+        grad = kernels.sparse_step(
+            self.adapter,
+            memory._current,
+            memory.path_index,
+            weight,
+            immediate,
+            memory._spare,
+            credit,
+        )
+        memory._current, memory._spare = memory._spare, memory._current
+        return grad
+
+    def _run_update(self) -> None:
+        if self.memory._pending is not None:
+            self.memory._pending()
 
     def _redraw_due(self) -> bool:
         count = self.memory.step_count
@@ -191,8 +233,18 @@ class SparseRTRL(OnlineEstimator):
         return count % self.resample == 0
 
     def _gradient(self, credit: torch.Tensor) -> torch.Tensor:
-        # Eq. (2).
-        return kernels.influence_gradient(credit, self.memory.influence)
+        memory = self.memory
+        if memory._pending is not None:
+            return memory._pending(credit)  # Eq. (1) and (2) together
+        # Eq. (2) alone (the update already ran), in the same arithmetic.
+        return kernels.sparse_gradient(credit, memory._current, bool(memory._fused))
+
+    def state_dict(self) -> dict[str, Any]:
+        self._run_update()
+        out = super().state_dict()
+        current = self.memory._current
+        out["influence"] = None if current is None else current.clone()
+        return out
 
     # Selection --------------------------------------------------------------
 

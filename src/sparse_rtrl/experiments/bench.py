@@ -240,7 +240,9 @@ def _dense_columns(config, learner, row, copy_ms, matmul_ms, seconds) -> None:
     row.update_ms = 1e3 * _best_time(update, config)
     row.update_vs_floor = row.update_ms / floor
     if row.estimator == "sparse_rtrl":
-        row.backend = kernels.resolve_backend(learner.memory.influence)
+        row.backend = kernels.resolve_backend(
+            learner.memory.influence, learner.memory.path_index.shape[2]
+        )
     else:
         row.backend = "bmm"
 

@@ -30,6 +30,7 @@ blew up. Every `log_every` steps one fixed-format line goes to the logger
 
 import hashlib
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -480,20 +481,44 @@ LR_GRIDS = {
     "rmsprop": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
     "sgd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
 }
-LR_SELECT = {"hidden_size": 32, "steps": 600, "seeds": (1000, 1001)}
+LR_SELECT = {"steps": 600, "seeds": (1000, 1001)}
 
 
-def lr_select_loss(task: str, optimizer: str, lr: float, seed: int) -> float:
+def lr_select_sizes() -> dict[tuple[str, str], tuple[int, ...]]:
+    """{(task, optimizer): hidden sizes} over the default config and every
+    online run of every study, quick and full, whose learning rate comes from
+    the table: a rate is chosen for every size it will serve."""
+    from .config import default_lr
+    from .reproduce import collect_specs
+
+    configs = [resolve({})]
+    for quick in (True, False):
+        configs += [s.config for v in collect_specs(quick).values() for s in v]
+    sizes: dict[tuple[str, str], set] = {}
+    for config in configs:
+        if config.get("kind", "online") != "online":
+            continue
+        key = (config["task"]["name"], config["optimizer"]["name"])
+        if config["optimizer"]["lr"] != default_lr(*key):
+            continue  # the study sets its own rate
+        sizes.setdefault(key, set()).add(config["cell"]["hidden_size"])
+    return {key: tuple(sorted(v)) for key, v in sorted(sizes.items())}
+
+
+def lr_select_loss(
+    task: str, optimizer: str, lr: float, seed: int, hidden_size: int
+) -> float:
     """Final online loss of exact RTRL learning task A from a fresh init.
 
-    No pretraining: the net starts at its initialisation and learns task A
-    online (B=1, one step per time step) for `LR_SELECT["steps"]` steps; the
-    mean loss over the last 50 % is returned (inf if the run diverged).
+    No pretraining: a `LeakyRNNCell(alpha=0.2)` of `hidden_size` units starts at
+    its initialisation and learns task A online (B=1, one step per time step,
+    float32) for `LR_SELECT["steps"]` steps; the mean loss over the last 50 %
+    is returned (inf if the run diverged).
     """
     config = resolve(
         {
             "task": {"name": task},
-            "cell": {"hidden_size": LR_SELECT["hidden_size"]},
+            "cell": {"hidden_size": hidden_size},
             "estimator": {"name": "rtrl"},
             "optimizer": {"name": optimizer, "lr": lr},
             "run": {
@@ -515,29 +540,55 @@ def lr_select_loss(task: str, optimizer: str, lr: float, seed: int) -> float:
     except Diverged:
         return math.inf
     after = result["after"]
-    return _nanmean(after[len(after) // 2 :])
+    loss = _nanmean(after[len(after) // 2 :])
+    return loss if math.isfinite(loss) else math.inf
 
 
-def choose_learning_rates(
-    tasks=("sine", "delayed_recall", "lorenz", "adding"),
-    optimizers=("adam", "sgd", "rmsprop"),
-) -> dict:
-    """The learning-rate table: for each task x optimizer, the grid value with the
-    lowest mean final loss of exact RTRL on task A (seeds 1000, 1001, never used
-    by the benchmark). Writes nothing; paste the result into
-    `presets/learning_rates.json`."""
-    torch.set_num_threads(1)
+def choose_learning_rates(sizes: dict | None = None, starmap=None) -> dict:
+    """The learning-rate table: for each task x optimizer, the grid value whose
+    worst size does best.
+
+    For every hidden size the studies run the pair at (`lr_select_sizes`), the
+    score of a rate at that size is the mean final loss of exact RTRL on task A
+    over seeds 1000 and 1001 (never used by the benchmark); the chosen rate has
+    the lowest maximum score over the sizes, so that one rate serves every size
+    without destabilising the largest. `starmap` (e.g. a process pool's) runs
+    the trials; by default they run here one after another. Writes nothing;
+    paste the result into `presets/learning_rates.json`.
+    """
+    sizes = lr_select_sizes() if sizes is None else sizes
+    trials = [
+        (task, opt, lr, seed, n)
+        for (task, opt), ns in sizes.items()
+        for lr in LR_GRIDS[opt]
+        for n in ns
+        for seed in LR_SELECT["seeds"]
+    ]
+    if starmap is None:
+        torch.set_num_threads(1)
+        starmap = itertools.starmap
+    loss = dict(zip(trials, starmap(lr_select_loss, trials), strict=True))
     table, losses = {}, {}
-    for task in tasks:
-        for opt in optimizers:
-            scores = {
-                lr: float(
-                    np.mean(
-                        [lr_select_loss(task, opt, lr, s) for s in LR_SELECT["seeds"]]
-                    )
+    for (task, opt), ns in sizes.items():
+        score = {
+            lr: {
+                n: float(
+                    np.mean([loss[task, opt, lr, s, n] for s in LR_SELECT["seeds"]])
                 )
-                for lr in LR_GRIDS[opt]
+                for n in ns
             }
-            table.setdefault(task, {})[opt] = min(scores, key=scores.get)
-            losses.setdefault(task, {})[opt] = {str(k): v for k, v in scores.items()}
-    return {"chosen": table, "losses": losses, "grid": LR_GRIDS, **LR_SELECT}
+            for lr in LR_GRIDS[opt]
+        }
+        worst = {lr: max(by_size.values()) for lr, by_size in score.items()}
+        table.setdefault(task, {})[opt] = min(worst, key=worst.get)
+        losses.setdefault(task, {})[opt] = {
+            str(lr): {str(n): round(v, 4) for n, v in by_size.items()}
+            for lr, by_size in score.items()
+        }
+    return {
+        "chosen": table,
+        "final_losses": losses,
+        "grid": LR_GRIDS,
+        "sizes": {f"{t}/{o}": list(ns) for (t, o), ns in sizes.items()},
+        **LR_SELECT,
+    }
