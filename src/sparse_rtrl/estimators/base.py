@@ -21,6 +21,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -173,7 +174,8 @@ class OnlineEstimator(ABC):
 
     @abstractmethod
     def _gradient(self, credit: torch.Tensor) -> torch.Tensor | None:
-        """The flat gradient (P,) for the state credit (B, S), summed over B."""
+        """The flat gradient (P,) for the state credit (B, S), summed over B: a
+        new tensor (`.grad` may receive views of it), or None for none."""
 
     # Helpers ----------------------------------------------------------------
 
@@ -187,11 +189,13 @@ class OnlineEstimator(ABC):
         return full
 
     def _accumulate(self, grad: torch.Tensor) -> None:
+        # `grad` is a fresh tensor of this call: a parameter without a gradient
+        # can take a view of it (no copy); the others add it in.
         for param, piece in zip(
             self.adapter.params, self.adapter.flat_to_params(grad), strict=True
         ):
             if param.grad is None:
-                param.grad = piece.clone()
+                param.grad = piece
             else:
                 param.grad.add_(piece)
 
@@ -238,11 +242,17 @@ class OnlineEstimator(ABC):
                 f"{who}: `x` has batch size {x.shape[0]} but the learner runs "
                 f"{state.shape[0]} streams; call reset() to change the batch size."
             )
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise ValueError(
                 f"{who}: `x` holds non-finite values (NaN or inf) at step "
                 f"{self.memory.step_count}; clean the input stream."
             )
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(x.detach().numpy()).all())  # no torch op overhead
+    return bool(torch.isfinite(x).all())
 
 
 def make_generator(

@@ -20,12 +20,14 @@ Two floors are measured in the same run, on buffers of the same size:
 Columns: ms per step, steps per second, GFLOP/s and GB/s of the influence
 update plus the gradient (flops 2 B S K P + 2 B S P with K = S for exact
 RTRL; traffic 3 B S P bytes-per-element: read and write the influence, read it
-again for c_t M_t; given for `rtrl` and `sparse_rtrl` only), peak resident
+again for c_t M_t, or 2 B S P where the gradient is formed in the update's
+pass (sparse, "numba" backend); given for `rtrl` and `sparse_rtrl` only), peak resident
 memory of the process during the configuration (Linux; otherwise "-"), the
 ratio to exact RTRL's step at the same n, the ratio to the floor (sparse:
 memory floor; exact: matmul floor), and for these two the influence update
-alone (`kernels.propagate_*` on the learner's own buffers) and its ratio to
-the same floor.
+alone on the learner's own buffers and its ratio to the same floor (exact:
+`kernels.propagate_exact`; sparse: `kernels.sparse_step` with a credit, the
+paths, the immediate Jacobian and the gradient as `backward` runs them).
 """
 
 import dataclasses
@@ -230,21 +232,21 @@ def _measure(config, cell, name, options, row, copy_ms, matmul_ms) -> None:
 def _dense_columns(config, learner, row, copy_ms, matmul_ms, seconds) -> None:
     itemsize = DTYPES[config.dtype].itemsize
     elements = config.batch * row.state_size * row.num_params
-    paths = row.k
-    row.gflops = 2 * elements * (paths + 1) / seconds / 1e9
-    row.gbs = 3 * elements * itemsize / seconds / 1e9
-    floor = matmul_ms if row.estimator == "rtrl" else copy_ms
-    row.floor_ms = floor
-    row.vs_floor = row.ms_per_step / floor
-    update = _update_call(learner, row.estimator)
-    row.update_ms = 1e3 * _best_time(update, config)
-    row.update_vs_floor = row.update_ms / floor
     if row.estimator == "sparse_rtrl":
         row.backend = kernels.resolve_backend(
             learner.memory.influence, learner.memory.path_index.shape[2]
         )
     else:
         row.backend = "bmm"
+    passes = 2 if row.backend == "numba" else 3  # numba: gradient in the pass
+    row.gflops = 2 * elements * (row.k + 1) / seconds / 1e9
+    row.gbs = passes * elements * itemsize / seconds / 1e9
+    floor = matmul_ms if row.estimator == "rtrl" else copy_ms
+    row.floor_ms = floor
+    row.vs_floor = row.ms_per_step / floor
+    update = _update_call(learner, row.estimator)
+    row.update_ms = 1e3 * _best_time(update, config)
+    row.update_vs_floor = row.update_ms / floor
 
 
 def _update_call(learner, name: str) -> Callable[[], object]:
@@ -257,10 +259,21 @@ def _update_call(learner, name: str) -> Callable[[], object]:
         return lambda: kernels.propagate_exact(
             jacobian, memory.influence, memory._spare
         )
-    weight = torch.randn(memory.path_index.shape, dtype=memory.influence.dtype)
-    weight = weight.to(memory.influence.device)
-    return lambda: kernels.propagate_sparse(
-        memory.influence, memory.path_index, weight, memory._spare
+    # Sparse: Eq. (1) and (2) as the learner runs them in `backward` (the paths,
+    # the immediate Jacobian and, where the backend fuses it, the gradient).
+    dtype, device = memory.influence.dtype, memory.influence.device
+    weight = torch.randn(memory.path_index.shape, dtype=dtype).to(device)
+    credit = torch.randn(memory.state.shape, dtype=dtype).to(device)
+    x = torch.zeros(memory.state.shape[0], learner.cell.input_size, dtype=dtype)
+    immediate = learner.adapter.step(x.to(device), memory.state).immediate
+    return lambda: kernels.sparse_step(
+        learner.adapter,
+        memory.influence,
+        memory.path_index,
+        weight,
+        immediate,
+        memory._spare,
+        credit,
     )
 
 
