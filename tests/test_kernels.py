@@ -87,6 +87,88 @@ def test_numba_tiles_and_threads_cover_every_column(monkeypatch, dtype):
     assert rel_error([out.double()], [expected]) < TOLERANCE[dtype]
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_in_place_equals_out_of_place(monkeypatch, dtype):
+    """In place (`out` is `influence`: each tile is copied to a scratch first)
+    gives the same bits as into a second buffer, immediate entries and the
+    fused gradient included, over several tiles and 2 threads; and both equal
+    the definition."""
+    from sparse_rtrl._native import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "CACHE_BYTES", 1)
+    monkeypatch.setattr(numba_cpu, "IN_PLACE_CACHE_BYTES", 1)
+    monkeypatch.setattr(numba_cpu, "MIN_TILE_BYTES", 64 * 8)
+    monkeypatch.setattr(numba_cpu, "MIN_JOB_ELEMENTS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    batch, size, num_params, entries = 2, 6, 64 * 5 + 37, 7
+    influence, index, weight = _random_update(batch, size, num_params, 5, dtype)
+    gen = torch.Generator().manual_seed(1)
+    columns = torch.stack(
+        [torch.randperm(num_params, generator=gen)[:entries] for _ in range(size)]
+    )
+    columns, order = columns.sort(dim=1)
+    values = torch.randn(batch, size, entries, generator=gen, dtype=dtype)
+    credit = torch.randn(batch, size, generator=gen, dtype=dtype)
+    immediate = (columns, order, values)
+
+    out = torch.full_like(influence, float("nan"))
+    grad = numba_cpu.propagate_sparse(influence, index, weight, out, immediate, credit)
+    in_place = influence.clone()
+    grad_in_place = numba_cpu.propagate_sparse(
+        in_place, index, weight, in_place, immediate, credit
+    )
+    assert torch.equal(in_place, out) and torch.equal(grad_in_place, grad)
+
+    expected = _reference(influence, index, weight)
+    rows = torch.arange(size)[:, None].expand(size, entries)
+    for b in range(batch):
+        expected[b, rows, columns] += values[b].gather(1, order).double()
+    assert rel_error([out.double()], [expected]) < TOLERANCE[dtype]
+    expected_grad = torch.einsum("bs,bsp->p", credit.double(), expected)
+    assert rel_error([grad.double()], [expected_grad]) < TOLERANCE[dtype]
+
+
+@needs_numba
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads
+def test_numba_runs_serially_in_a_forked_child(monkeypatch):
+    """After the parent ran the kernel on several threads (GNU OpenMP), a
+    forked child still gets the right numbers, on one thread."""
+    import multiprocessing
+
+    from sparse_rtrl._native import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "MIN_JOB_ELEMENTS", 1)
+    monkeypatch.setattr(numba_cpu, "CACHE_BYTES", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    influence, index, weight = _random_update(2, 6, 64 * 5 + 37, 4, torch.float64)
+    parent = _run("numba", influence, index, weight)
+    context = multiprocessing.get_context("fork")
+    # The child sets torch to one thread, as torch's DataLoader workers do:
+    # torch's own parallel copies hang in a forked child of a process that
+    # used GNU OpenMP. The patched get_num_threads still says 2, so the
+    # kernel's own fork guard is what keeps it on one thread.
+    with context.Pool(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        child = pool.apply(_run, ("numba", influence, index, weight))
+    assert torch.equal(child, parent)
+    assert rel_error([parent], [_reference(influence, index, weight)]) < 1e-12
+
+
+def test_in_place_needs_the_fused_path():
+    cell = make_cell("rnn_tanh", 5)
+    learner = SparseRTRL(cell, num_paths=2, generator=0)
+    x = torch.zeros(1, cell.input_size, dtype=torch.float64)
+    learner.step(x)
+    memory = learner.memory
+    influence = memory.influence
+    immediate = learner.adapter.step(x, memory.state).immediate
+    weight = torch.ones(memory.path_index.shape, dtype=torch.float64)
+    with kernels.use_backend("torch"), pytest.raises(ValueError, match="in place"):
+        kernels.sparse_step(
+            learner.adapter, influence, memory.path_index, weight, immediate, influence
+        )
+
+
 def test_torch_backend_several_tiles(monkeypatch):
     monkeypatch.setattr(kernels, "GATHER_BYTES", 1)  # the minimum: 256 columns
     influence, index, weight = _random_update(2, 5, 256 * 3 + 11, 4, torch.float64)

@@ -23,7 +23,10 @@ environment variable `SPARSE_RTRL_KERNELS`):
 - "numba": a fused tiled gather compiled by numba (the `fast` extra), CPU
   float32/float64. It reads each influence row from memory once per step,
   however many paths use it, and writes each output row once; the memory
-  floor of any dense-storage update is 2 B S P bytes-per-element.
+  floor of any dense-storage update is 2 B S P bytes-per-element. Through
+  `sparse_step` it runs in place (each column tile is first copied to a
+  scratch that stays in the core's cache), so `SparseRTRL` keeps one
+  influence buffer instead of two.
 - "torch": the same tiling in pure torch (one gather, multiply and sum per
   column tile), on any device. The default where numba is absent.
 - "dense": scatter the K weights of each row into a dense (B, S, S) matrix
@@ -63,7 +66,8 @@ _backend: str | None = None  # None: read the environment variable
 _immediate_index: "weakref.WeakKeyDictionary[CellAdapter, torch.Tensor]" = (
     weakref.WeakKeyDictionary()
 )
-_immediate_columns: "weakref.WeakKeyDictionary[CellAdapter, torch.Tensor]" = (
+_ColumnsAndOrder = tuple[torch.Tensor, torch.Tensor]
+_immediate_columns: "weakref.WeakKeyDictionary[CellAdapter, _ColumnsAndOrder]" = (
     weakref.WeakKeyDictionary()
 )
 
@@ -118,22 +122,30 @@ def sparse_step(
     Where `fuses_update(...)` holds (the "numba" backend, a compact immediate
     Jacobian) it is one pass: each output row gets its K paths, then its
     unit's immediate entries, then (with a credit) joins the gradient while it
-    is in cache, so the new influence is written once and never read back.
-    `sparse_gradient` gives that gradient later, bit for bit. Otherwise the
-    three run one after the other.
+    is in cache, so the new influence is written once and never read back;
+    `out` may then be `influence` itself (in place: no second buffer, the
+    same numbers). `sparse_gradient` gives that gradient later, bit for bit.
+    Otherwise the three run one after the other, into a distinct `out`.
     """
     if not fuses_update(adapter, influence, path_index, immediate):
+        if out.data_ptr() == influence.data_ptr():
+            raise ValueError(
+                "kernels.sparse_step: `out` is `influence`, but the "
+                f"{resolve_backend(influence, path_index.shape[2])!r} path cannot "
+                "update in place; pass a distinct buffer (in place needs "
+                "`fuses_update`)."
+            )
         propagate_sparse(influence, path_index, path_weight, out)
         add_immediate(adapter, out, immediate)
         return None if credit is None else influence_gradient(credit, out)
     from ._native import numba_cpu
 
-    columns = _gate_columns(adapter, immediate, influence.device)
+    columns, order = _gate_columns(adapter, immediate, influence.device)
     values = _gate_values(adapter, immediate).reshape(
         influence.shape[0], *columns.shape
     )
     return numba_cpu.propagate_sparse(
-        influence, path_index, path_weight, out, (columns, values), credit
+        influence, path_index, path_weight, out, (columns, order, values), credit
     )
 
 
@@ -220,14 +232,18 @@ def add_immediate(
 
 def _gate_columns(
     adapter: CellAdapter, immediate: GateJacobian, device: torch.device
-) -> torch.Tensor:
-    """The parameter columns (S, E) of each unit's compact immediate entries."""
-    columns = _immediate_columns.get(adapter)
-    if columns is None or columns.device != device:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parameter columns (S, E) of each unit's compact immediate entries,
+    sorted within each unit, and the entry (S, E) of `_gate_values`' last
+    axis that each sorted column takes (so a kernel can find a tile's entries
+    by bisection)."""
+    cached = _immediate_columns.get(adapter)
+    if cached is None or cached[0].device != device:
         index = _gate_index(adapter, immediate, device)
         columns = (index % adapter.num_params).view(adapter.state_size, -1)
-        _immediate_columns[adapter] = columns
-    return columns
+        cached = columns.sort(dim=1)
+        _immediate_columns[adapter] = cached
+    return cached
 
 
 def _gate_values(adapter: CellAdapter, immediate: GateJacobian) -> torch.Tensor:

@@ -11,36 +11,44 @@ many paths use it, and each output row is written once (paths are combined
 four at a time in registers); the unit's immediate entries, when given, are
 added to its row in the same pass. The tile size was chosen by measurement on a
 2-core AMD EPYC (1 MiB L2, 32 MiB L3): tiles under a page (4 KiB) per row ran
-slower. Tiles are split between threads that release the GIL (plain Python
-threads, as many as `torch.get_num_threads()`), not numba's own OpenMP pool,
-which would compete with torch's for the same cores.
+slower.
+
+Tiles are split between threads by a `prange` over equal runs of them, on
+numba's "omp" threading layer where it loads (it is asked for first, unless
+the environment variable NUMBA_THREADING_LAYER chooses). That layer runs on
+the GNU OpenMP runtime torch itself uses, so the kernel's threads are torch's
+own: with plain Python threads (the first version) or numba's "workqueue"
+layer, torch's OpenMP workers, which spin for a few ms after every
+multithreaded op, took the core from the kernel's second thread, and the
+fused step at n=256 took 13.7 ms on 2 threads instead of 7.8 ms (the same
+code with OMP_WAIT_POLICY=PASSIVE). In a forked child the kernel runs on one
+thread, since OpenMP's threads do not survive a fork.
 
 Measured at 1.3-2x the time of `copy_` of the influence (the floor that
 `sparse-rtrl bench` compares with), likely because the output rows are
 written with ordinary stores, which also read each line, where a large copy
 streams its writes. With a credit c_t, the gradient c_t M_t is formed in the
-same pass: in an online loop at n=256 (k=4, 2 threads) that took the step
-from about 24-27 ms (a separate `torch.mm` reading the new influence back from
-memory) to 19.5 ms.
+same pass, so the new influence is never read back from memory.
 """
 
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numpy as np
 import torch
 
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 CACHE_BYTES = 2 << 20  # the influence tile kept in cache (L2 to L3)
 MIN_TILE_BYTES = 4096  # a page per row: hardware prefetch runs whole pages
 MIN_JOB_ELEMENTS = 1 << 16  # below this many outputs per thread, stay serial
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_pid = 0
-_pool_lock = threading.Lock()
+IN_PLACE_CACHE_BYTES = 1 << 20  # the scratch copy of a tile, in place (L2)
+_IMPORT_PID = os.getpid()
+_scratch_cache = threading.local()
 
 
 @numba.njit(inline="always", fastmath={"contract"}, boundscheck=False)
@@ -76,35 +84,56 @@ def _gather_tiles_py(
     path_weight,
     out,
     columns,
+    order,
     values,
     credit,
     grad,
+    scratch,
     tile,
     first,
     last,
 ):  # pragma: no cover - jit
     # Row i of a tile: the K paths, then the immediate entries of unit i that
-    # fall in the tile (columns (S, E), values (B, S, E); E = 0 for none),
-    # then with a credit (B, S) grad[b, lo:hi] += credit[b, i] * the finished
-    # row, all while the row is still in cache.
+    # fall in the tile (columns (S, E) sorted per unit, values[b, i, order[i, e]]
+    # the entry of columns[i, e]; E = 0 for none), then with a credit (B, S)
+    # grad[b, lo:hi] += credit[b, i] * the finished row, all while the row is
+    # still in cache. With a scratch (S, tile) the update runs in place (`out`
+    # is `influence`): the tile is copied into it first and read from there.
     batch, size, num_params = influence.shape
     tiles = (num_params + tile - 1) // tile
     fused = credit.shape[0] > 0
+    in_place = scratch.shape[0] > 0
     for job in range(first, last):
         b = job // tiles
         lo = (job % tiles) * tile
         hi = min(lo + tile, num_params)
+        if in_place:
+            for i in range(size):
+                _copy_row(influence[b, i, lo:hi], scratch[i, : hi - lo])
         for i in range(size):
             target = out[b, i, lo:hi]
-            _combine_row(
-                influence[b], path_index[b, i], path_weight[b, i], target, lo, hi
-            )
-            for e in range(columns.shape[1]):
-                col = columns[i, e]
-                if lo <= col < hi:
-                    target[col - lo] += values[b, i, e]
+            if in_place:
+                _combine_row(
+                    scratch, path_index[b, i], path_weight[b, i], target, 0, hi - lo
+                )
+            else:
+                _combine_row(
+                    influence[b], path_index[b, i], path_weight[b, i], target, lo, hi
+                )
+            # The unit's columns are sorted: only the entries inside the tile.
+            unit_columns = columns[i]
+            first_entry = np.searchsorted(unit_columns, lo)
+            last_entry = np.searchsorted(unit_columns, hi)
+            for e in range(first_entry, last_entry):
+                target[unit_columns[e] - lo] += values[b, i, order[i, e]]
             if fused:
                 _add_row(grad[b, lo:hi], credit[b, i], target)
+
+
+@numba.njit(inline="always", boundscheck=False)
+def _copy_row(source, target):  # pragma: no cover - jit
+    for p in range(target.shape[0]):
+        target[p] = source[p]
 
 
 @numba.njit(inline="always", fastmath={"contract"}, boundscheck=False)
@@ -125,22 +154,83 @@ def _gradient_tiles_py(influence, credit, grad, tile, first, last):  # pragma: n
             _add_row(grad[b, lo:hi], credit[b, i], influence[b, i, lo:hi])
 
 
-def _compile(function):
+def _compile(function, parallel=False):
     options = {"nogil": True, "fastmath": {"contract"}, "boundscheck": False}
     try:
-        return numba.njit(cache=True, **options)(function)
+        return numba.njit(cache=True, parallel=parallel, **options)(function)
     except RuntimeError:  # no writable cache folder: compile at every start
-        return numba.njit(cache=False, **options)(function)
+        return numba.njit(cache=False, parallel=parallel, **options)(function)
 
 
 _gather_tiles = _compile(_gather_tiles_py)
 _gradient_tiles = _compile(_gradient_tiles_py)
 
 
-def tile_width(size: int, itemsize: int) -> int:
-    """Columns per tile: S rows of it fill about `CACHE_BYTES` (measured best)."""
-    width = CACHE_BYTES // max(size * itemsize, 1)
-    return max(MIN_TILE_BYTES // itemsize, width // 16 * 16)
+def _gather_split_py(
+    influence,
+    path_index,
+    path_weight,
+    out,
+    columns,
+    order,
+    values,
+    credit,
+    grad,
+    scratch,
+    tile,
+    jobs,
+    workers,
+):  # pragma: no cover - jit
+    # `workers` equal runs of jobs on numba's thread pool (see the module doc),
+    # each with its own scratch tile.
+    for w in numba.prange(workers):
+        _gather_tiles(
+            influence,
+            path_index,
+            path_weight,
+            out,
+            columns,
+            order,
+            values,
+            credit,
+            grad,
+            scratch[w],
+            tile,
+            jobs * w // workers,
+            jobs * (w + 1) // workers,
+        )
+
+
+def _gradient_split_py(
+    influence, credit, grad, tile, jobs, workers
+):  # pragma: no cover
+    for w in numba.prange(workers):
+        _gradient_tiles(
+            influence,
+            credit,
+            grad,
+            tile,
+            jobs * w // workers,
+            jobs * (w + 1) // workers,
+        )
+
+
+_gather_split = _compile(_gather_split_py, parallel=True)
+_gradient_split = _compile(_gradient_split_py, parallel=True)
+
+
+def tile_width(size: int, itemsize: int, in_place: bool = False) -> int:
+    """Columns per tile. Reading the influence directly, S rows of a tile fill
+    about `CACHE_BYTES`, at least a page per row; in place, the scratch copy
+    of the tile fills about `IN_PLACE_CACHE_BYTES` (the core's L2), at least
+    half a page per row (both measured best on the machine above)."""
+    budget, least = (
+        (IN_PLACE_CACHE_BYTES, MIN_TILE_BYTES // 2)
+        if in_place
+        else (CACHE_BYTES, MIN_TILE_BYTES)
+    )
+    width = budget // max(size * itemsize, 1)
+    return max(least // itemsize, width // 16 * 16)
 
 
 def propagate_sparse(
@@ -148,35 +238,49 @@ def propagate_sparse(
     path_index: torch.Tensor,
     path_weight: torch.Tensor,
     out: torch.Tensor,
-    immediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    immediate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     credit: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """`kernels.propagate_sparse` for contiguous CPU float32/float64 tensors, K >= 1.
 
-    `immediate` (columns (S, E) int64, values (B, S, E)) adds each unit's E
-    immediate entries at their parameter columns in the same pass. With
-    `credit` (B, S) it returns the gradient sum_b credit_b @ out_b (P,),
-    formed while each finished row is in cache (`out` is not read again);
-    else None.
+    `out` is either a buffer distinct from `influence` or `influence` itself
+    (the update then runs in place, tile by tile through a cached scratch
+    copy: no second influence buffer, and each cache line of the influence is
+    read once and written back once). `immediate` (columns (S, E) int64,
+    sorted within each row; order (S, E), the entry of values (B, S, E) that
+    each column takes) adds each unit's E immediate entries at their parameter
+    columns in the same pass. With `credit` (B, S) it returns the gradient
+    sum_b credit_b @ out_b (P,), formed while each finished row is in cache
+    (`out` is not read again); else None.
     """
+    in_place = out.data_ptr() == influence.data_ptr()
     if immediate is None:
-        columns = torch.empty(0, 0, dtype=torch.long)
+        columns = order = torch.empty(0, 0, dtype=torch.long)
         values = influence.new_empty(1, 0, 0)
     else:
-        columns, values = immediate[0].contiguous(), immediate[1].contiguous()
+        columns, order, values = immediate
+        values = values.contiguous()
     grad, credit = _gradient_buffers(influence, credit)
     arrays = (
         influence.detach().numpy(),
         path_index.detach().contiguous().numpy(),
         path_weight.detach().contiguous().numpy(),
         out.detach().numpy(),
-        columns.numpy(),
+        columns.contiguous().numpy(),
+        order.contiguous().numpy(),
         values.detach().numpy(),
         credit.numpy(),
         grad.numpy(),
     )
-    _run_tiles(_gather_tiles, arrays, influence)
-    return grad.sum(0) if grad.numel() else None
+    tile = tile_width(influence.shape[1], influence.element_size(), in_place)
+    jobs, workers = _split(influence, tile)
+    rows = influence.shape[1] if in_place else 0
+    scratch = _scratch(workers, rows, tile, influence.dtype)
+    if workers == 1:
+        _gather_tiles(*arrays, scratch[0], tile, 0, jobs)
+    else:
+        _gather_split(*arrays, scratch, tile, jobs, workers)
+    return _total(grad) if grad.numel() else None
 
 
 def influence_gradient(credit: torch.Tensor, influence: torch.Tensor) -> torch.Tensor:
@@ -184,8 +288,18 @@ def influence_gradient(credit: torch.Tensor, influence: torch.Tensor) -> torch.T
     own gradient (the same sums in the same order, bit for bit)."""
     grad, credit = _gradient_buffers(influence, credit)
     arrays = (influence.detach().numpy(), credit.numpy(), grad.numpy())
-    _run_tiles(_gradient_tiles, arrays, influence)
-    return grad.sum(0)
+    tile = tile_width(influence.shape[1], influence.element_size())
+    jobs, workers = _split(influence, tile)
+    if workers == 1:
+        _gradient_tiles(*arrays, tile, 0, jobs)
+    else:
+        _gradient_split(*arrays, tile, jobs, workers)
+    return _total(grad)
+
+
+def _total(grad: torch.Tensor) -> torch.Tensor:
+    """sum over streams of grad (B, P), a fresh (P,) tensor (a view for B = 1)."""
+    return grad[0] if grad.shape[0] == 1 else grad.sum(0)
 
 
 def _gradient_buffers(influence: torch.Tensor, credit: torch.Tensor | None):
@@ -196,36 +310,31 @@ def _gradient_buffers(influence: torch.Tensor, credit: torch.Tensor | None):
     return influence.new_zeros(influence.shape[0], influence.shape[2]), credit
 
 
-def _run_tiles(kernel, arrays, influence: torch.Tensor) -> None:
-    """Run `kernel(*arrays, tile, first, last)` over every column tile of every
-    stream, split between up to `torch.get_num_threads()` threads."""
-    batch, size, num_params = influence.shape
-    tile = tile_width(size, influence.element_size())
+def _split(influence: torch.Tensor, tile: int) -> tuple[int, int]:
+    """(jobs, workers): one job per column tile of every stream, run by up to
+    `torch.get_num_threads()` threads (one in a forked child, where GNU
+    OpenMP's threads do not survive; numba's count set to match)."""
+    batch, _, num_params = influence.shape
     jobs = batch * math.ceil(num_params / tile)
     workers = min(
-        torch.get_num_threads(), jobs, max(1, influence.numel() // MIN_JOB_ELEMENTS)
+        torch.get_num_threads(),
+        numba.config.NUMBA_NUM_THREADS,
+        jobs,
+        max(1, influence.numel() // MIN_JOB_ELEMENTS),
     )
-    if workers == 1:
-        kernel(*arrays, tile, 0, jobs)
-        return
-    bounds = [jobs * w // workers for w in range(workers + 1)]
-    pool = _thread_pool(workers - 1)
-    pending = [
-        pool.submit(kernel, *arrays, tile, bounds[w], bounds[w + 1])
-        for w in range(1, workers)
-    ]
-    kernel(*arrays, tile, bounds[0], bounds[1])
-    for future in pending:
-        future.result()
+    if os.getpid() != _IMPORT_PID:
+        workers = 1
+    if workers > 1:
+        numba.set_num_threads(workers)
+    return jobs, workers
 
 
-def _thread_pool(size: int) -> ThreadPoolExecutor:
-    """The shared worker threads (rebuilt after a fork: threads do not survive it)."""
-    global _pool, _pool_size, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_size < size or _pool_pid != os.getpid():
-            if _pool is not None and _pool_pid == os.getpid():
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(size, thread_name_prefix="sparse_rtrl")
-            _pool_size, _pool_pid = size, os.getpid()
-        return _pool
+def _scratch(workers: int, rows: int, tile: int, dtype: torch.dtype) -> np.ndarray:
+    """A (workers, rows, tile) array kept between calls (per calling thread):
+    a fresh 1-2 MiB buffer every step would page-fault on every first touch."""
+    key = (workers, rows, tile, dtype)
+    cached = getattr(_scratch_cache, "buffer", None)
+    if cached is None or cached[0] != key:
+        array = torch.empty(workers, rows, tile, dtype=dtype).numpy()
+        _scratch_cache.buffer = cached = (key, array)
+    return cached[1]

@@ -23,7 +23,8 @@ class SparseRTRLState(EstimatorState):
     path_index: (B, S, K_kept), the kept incoming paths of each unit (with
         `keep_self`, column 0 is the unit itself); None before the first draw.
     _current: the influence as of the last update that ran.
-    _spare: (B, S, P), the buffer M_{t+1} is written into (then swapped).
+    _spare: (B, S, P), the buffer M_{t+1} is written into (then swapped) by a
+        kernel path that cannot update in place; None until one needs it.
     _pending: the step's deferred update, or None once it has run.
     _fused: whether the last update ran as one pass (`kernels.fuses_update`).
     """
@@ -187,7 +188,6 @@ class SparseRTRL(OnlineEstimator):
         return SparseRTRLState(
             state=self.adapter.initial_state(batch_size),
             _current=self._new_tensor(*shape),
-            _spare=self._new_tensor(*shape),
         )
 
     def _advance(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,16 +210,23 @@ class SparseRTRL(OnlineEstimator):
         memory._fused = kernels.fuses_update(
             self.adapter, memory._current, memory.path_index, immediate
         )
+        if memory._fused:  # one pass, in place
+            out = memory._current
+        elif memory._spare is None:
+            out = memory._spare = torch.empty_like(memory._current)
+        else:
+            out = memory._spare
         grad = kernels.sparse_step(
             self.adapter,
             memory._current,
             memory.path_index,
             weight,
             immediate,
-            memory._spare,
+            out,
             credit,
         )
-        memory._current, memory._spare = memory._spare, memory._current
+        if out is not memory._current:
+            memory._current, memory._spare = out, memory._current
         return grad
 
     def _run_update(self) -> None:

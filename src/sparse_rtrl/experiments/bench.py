@@ -266,14 +266,13 @@ def _update_call(learner, name: str) -> Callable[[], object]:
     credit = torch.randn(memory.state.shape, dtype=dtype).to(device)
     x = torch.zeros(memory.state.shape[0], learner.cell.input_size, dtype=dtype)
     immediate = learner.adapter.step(x.to(device), memory.state).immediate
+    influence = memory.influence
+    fused = kernels.fuses_update(
+        learner.adapter, influence, memory.path_index, immediate
+    )
+    out = influence if fused else torch.empty_like(influence)  # in place if fused
     return lambda: kernels.sparse_step(
-        learner.adapter,
-        memory.influence,
-        memory.path_index,
-        weight,
-        immediate,
-        memory._spare,
-        credit,
+        learner.adapter, influence, memory.path_index, weight, immediate, out, credit
     )
 
 
