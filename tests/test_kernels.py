@@ -389,6 +389,27 @@ def test_bench_smoke(monkeypatch, tmp_path, capsys):
     assert float(exact_cells[4]) == pytest.approx(exact["ms_per_step"], abs=1e-3)
 
 
+@pytest.mark.parametrize("kernel", ["reference", "torch", "dense", "numba"])
+def test_bench_times_the_update_on_every_backend(kernel, monkeypatch, tmp_path):
+    """The update timed alone runs repeatedly on the learner's buffers, on every
+    backend (a non-fused backend once kept a graph on its output buffer)."""
+    from sparse_rtrl.experiments import bench
+
+    if kernel == "numba" and not kernels.numba_available():
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(bench, "MIN_BLOCK_S", 0.001)
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--sizes", "6", "--paths", "2", "--estimators", "sparse_rtrl"]
+    argv += ["--kernel", kernel, "--repeats", "2", "--json", str(path)]
+    threads, backend = torch.get_num_threads(), kernels.get_backend()
+    assert main([*argv, "--threads", "1"]) == 0
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["backend"] == kernel and row["note"] in (None, "-", "")
+    assert row["update_ms"] > 0 and row["ms_per_step"] > 0
+    # The process's own settings are back once the command returns.
+    assert (torch.get_num_threads(), kernels.get_backend()) == (threads, backend)
+
+
 def test_bench_rejects_bad_options(capsys):
     assert main(["bench", "--sizes", "0"]) == 2
     assert "`sizes` must be integers >= 1" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`sparse-rtrl bench`: time one online step per estimator and size."""
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -65,17 +66,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the bench with `--threads` and `--kernel` in force, then restore
+    torch's thread count and the kernel backend (for callers in-process)."""
     import torch
 
     from .. import kernels
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"bench: `--threads` must be >= 1, got {args.threads}.")
+    threads = torch.get_num_threads()
+    backend = contextlib.nullcontext()
+    if args.kernel is not None:
+        backend = kernels.use_backend(args.kernel)
+    try:
+        torch.set_num_threads(args.threads or threads)
+        with backend:
+            return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..experiments import bench
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"bench: `--threads` must be >= 1, got {args.threads}.")
-        torch.set_num_threads(args.threads)
-    if args.kernel is not None:
-        kernels.set_backend(args.kernel)
     config = bench.BenchConfig(
         sizes=tuple(args.sizes),
         paths=tuple(args.paths),

@@ -265,7 +265,8 @@ def _update_call(learner, name: str) -> Callable[[], object]:
     weight = torch.randn(memory.path_index.shape, dtype=dtype).to(device)
     credit = torch.randn(memory.state.shape, dtype=dtype).to(device)
     x = torch.zeros(memory.state.shape[0], learner.cell.input_size, dtype=dtype)
-    immediate = learner.adapter.step(x.to(device), memory.state).immediate
+    with torch.no_grad():  # as in `learner.step`: no graph on the buffers
+        immediate = learner.adapter.step(x.to(device), memory.state).immediate
     influence = memory.influence
     fused = kernels.fuses_update(
         learner.adapter, influence, memory.path_index, immediate
