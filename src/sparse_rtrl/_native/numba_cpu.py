@@ -109,19 +109,21 @@ def _gather_tiles_py(
         b = job // tiles
         lo = (job % tiles) * tile
         hi = min(lo + tile, num_params)
+        rows, start = influence[b], lo  # where the tile's rows are read from
         if in_place:
             for i in range(size):
                 _copy_row(influence[b, i, lo:hi], scratch[i, : hi - lo])
+            rows, start = scratch, 0
         for i in range(size):
             target = out[b, i, lo:hi]
-            if in_place:
-                _combine_row(
-                    scratch, path_index[b, i], path_weight[b, i], target, 0, hi - lo
-                )
-            else:
-                _combine_row(
-                    influence[b], path_index[b, i], path_weight[b, i], target, lo, hi
-                )
+            _combine_row(
+                rows,
+                path_index[b, i],
+                path_weight[b, i],
+                target,
+                start,
+                start + hi - lo,
+            )
             # The unit's columns are sorted: only the entries inside the tile.
             unit_columns = columns[i]
             first_entry = np.searchsorted(unit_columns, lo)
