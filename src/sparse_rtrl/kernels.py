@@ -66,6 +66,9 @@ _backend: str | None = None  # None: read the environment variable
 _immediate_index: "weakref.WeakKeyDictionary[CellAdapter, torch.Tensor]" = (
     weakref.WeakKeyDictionary()
 )
+_ones: "weakref.WeakKeyDictionary[CellAdapter, torch.Tensor]" = (
+    weakref.WeakKeyDictionary()
+)
 _ColumnsAndOrder = tuple[torch.Tensor, torch.Tensor]
 _immediate_columns: "weakref.WeakKeyDictionary[CellAdapter, _ColumnsAndOrder]" = (
     weakref.WeakKeyDictionary()
@@ -249,6 +252,11 @@ def _gate_columns(
 def _gate_values(adapter: CellAdapter, immediate: GateJacobian) -> torch.Tensor:
     """The compact entries (B, S, G, W) in the order of `_gate_index`."""
     wrt_input = immediate.wrt_input_preact.unsqueeze(3)  # (B, S, G, 1)
+    if immediate.wrt_hidden_preact is immediate.wrt_input_preact:
+        # RNN and LSTM: one coefficient per gate row, times the row
+        # [x, h, 1, 1] of its parameters (the same products, in fewer ops).
+        row = _parameter_row(adapter, immediate)
+        return wrt_input * row.view(row.shape[0], 1, 1, -1)
     wrt_hidden = immediate.wrt_hidden_preact.unsqueeze(3)
     blocks = {
         "weight_ih": wrt_input * immediate.input[:, None, None, :],
@@ -257,6 +265,24 @@ def _gate_values(adapter: CellAdapter, immediate: GateJacobian) -> torch.Tensor:
         "bias_hh": wrt_hidden,
     }
     return torch.cat([blocks[name] for name in adapter.names], dim=3)
+
+
+def _parameter_row(adapter: CellAdapter, immediate: GateJacobian) -> torch.Tensor:
+    """(B, W): what multiplies a gate row's coefficient in each of its
+    parameters, in the order of `adapter.names` (x, h, then 1 per bias)."""
+    sources = {"weight_ih": immediate.input, "weight_hh": immediate.hidden}
+    biases = len(adapter.names) - 2
+    if biases == 0:
+        return torch.cat([sources[name] for name in adapter.names], dim=1)
+    x = immediate.input
+    ones = _ones.get(adapter)
+    if ones is None or (ones.shape[0], ones.dtype, ones.device) != (
+        x.shape[0],
+        x.dtype,
+        x.device,
+    ):
+        ones = _ones[adapter] = x.new_ones(x.shape[0], biases)
+    return torch.cat((x, immediate.hidden, ones), dim=1)
 
 
 def _gate_index(

@@ -44,18 +44,20 @@ class ElmanAdapter(CellAdapter):
     ) -> CellStep:
         cell = self.cell
         weight_hh = self._weight_hh()
-        preact = _linear(x, cell.weight_ih, cell.bias_ih)
-        preact = preact + _linear(state, weight_hh, cell.bias_hh)
+        # phi(a) in one op, as torch's RNNCell computes it (the same bits).
+        args = (x, state, cell.weight_ih, weight_hh, cell.bias_ih, cell.bias_hh)
         if self.nonlinearity == "tanh":
-            act = torch.tanh(preact)
+            act = torch.rnn_tanh_cell(*args)
             slope = 1.0 - act * act
         else:
-            act = torch.relu(preact)
-            slope = (preact > 0).to(preact.dtype)
-        new_state = (
-            act if self.alpha == 1.0 else (1 - self.alpha) * state + self.alpha * act
-        )
-        wrt_preact = (self.alpha * slope).unsqueeze(2)  # (B, H, 1)
+            act = torch.rnn_relu_cell(*args)
+            slope = (act > 0).to(act.dtype)  # relu(a) > 0 exactly when a > 0
+        if self.alpha == 1.0:
+            new_state = act
+        else:
+            new_state = (1 - self.alpha) * state + self.alpha * act
+            slope = self.alpha * slope
+        wrt_preact = slope.unsqueeze(2)  # (B, H, 1), d = alpha phi'(a)
 
         recurrent = None
         if jacobian:

@@ -110,6 +110,8 @@ class CellAdapter(ABC):
 
     def hidden(self, state: torch.Tensor) -> torch.Tensor:
         """The part of the state the readout sees, (B, H)."""
+        if self.hidden_size == self.state_size:
+            return state
         return state[:, : self.hidden_size]
 
     @abstractmethod
@@ -204,10 +206,10 @@ class CellAdapter(ABC):
 
     def check_parameters(self) -> None:
         """Raise if the cell's parameters were replaced since the adapter was built."""
-        current = list(self.cell.parameters())
-        if len(current) != len(self.params) or any(
-            a is not b for a, b in zip(current, self.params, strict=False)
-        ):
+        cell = self.cell
+        if not cell._modules and _same(cell._parameters.values(), self.params):
+            return  # a leaf module (every torch cell): its own parameters only
+        if not _same(cell.parameters(), self.params):
             raise RuntimeError(REPLACED_PARAMETERS)
 
     def _add_gate_jacobian(self, influence: torch.Tensor, jac: GateJacobian) -> None:
@@ -239,6 +241,14 @@ REPLACED_PARAMETERS = (
     "creates new ones that it cannot see. Update weights in place "
     "(`with torch.no_grad(): cell.weight_hh.copy_(...)`), or build a new learner."
 )
+
+
+def _same(current, params: list[torch.Tensor]) -> bool:
+    """Whether `current` yields exactly the tensors `params` (Nones skipped)."""
+    current = [p for p in current if p is not None]
+    return len(current) == len(params) and all(
+        a is b for a, b in zip(current, params, strict=True)
+    )
 
 
 def _slices(sizes: list[int]) -> list[slice]:

@@ -319,6 +319,8 @@ def _floyd_subsets(
         pick = torch.randint(
             0, top + 1, (batch, size), generator=generator, device=device
         )
-        taken = (chosen[:, :, :j] == pick.unsqueeze(2)).any(dim=2)
-        chosen[:, :, j] = torch.where(taken, top, pick)
+        if j > 0:  # the first draw cannot collide
+            taken = (chosen[:, :, :j] == pick.unsqueeze(2)).any(dim=2)
+            pick = torch.where(taken, top, pick)
+        chosen[:, :, j] = pick
     return chosen
