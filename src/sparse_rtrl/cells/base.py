@@ -88,6 +88,7 @@ class CellAdapter(ABC):
         self.names = [name for name, _ in cell.named_parameters()]
         self.params = [param for _, param in cell.named_parameters()]
         self.param_slices = _slices([p.numel() for p in self.params])
+        self._layouts = [(p.shape, _row_major(p.shape)) for p in self.params]
         self.num_params = sum(p.numel() for p in self.params)
         if self.num_params == 0:
             raise ValueError(
@@ -198,6 +199,14 @@ class CellAdapter(ABC):
 
     def flat_to_params(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Split a (..., P) tensor into views shaped like each parameter."""
+        if flat.dim() == 1 and flat.stride(0) == 1:  # the hot path: one op each
+            base = flat.storage_offset()
+            return [
+                flat.as_strided(shape, strides, base + cols.start)
+                for (shape, strides), cols in zip(
+                    self._layouts, self.param_slices, strict=True
+                )
+            ]
         lead = flat.shape[:-1]
         return [
             flat[..., cols].reshape(*lead, *p.shape)
@@ -249,6 +258,15 @@ def _same(current, params: list[torch.Tensor]) -> bool:
     return len(current) == len(params) and all(
         a is b for a, b in zip(current, params, strict=True)
     )
+
+
+def _row_major(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of this shape."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _slices(sizes: list[int]) -> list[slice]:
