@@ -94,6 +94,15 @@ def test_bad_input(cell, x, error, match):
         SparseRTRL(cell).step(x)
 
 
+@pytest.mark.parametrize("batch", [1, 40])  # checked as Python floats, by numpy
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_input_value_is_caught(cell, batch, bad):
+    x = torch.zeros(batch, INPUT_SIZE, dtype=torch.float64)
+    x[-1, -1] = bad
+    with pytest.raises(ValueError, match=r"`x` holds non-finite values"):
+        RTRL(cell).step(x)
+
+
 def test_batch_size_change_needs_reset(cell):
     learner = RTRL(cell)
     learner.step(torch.zeros(2, INPUT_SIZE, dtype=torch.float64))

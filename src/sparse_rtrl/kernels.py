@@ -315,16 +315,14 @@ def _gate_index(
     return index
 
 
+_COMPACT_NAMES = (
+    ["weight_ih", "weight_hh", "bias_ih", "bias_hh"],
+    ["weight_ih", "weight_hh"],
+)
+
+
 def _compact_layout(adapter: CellAdapter) -> bool:
-    names = tuple(adapter.names)
-    return (
-        names
-        in (
-            ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
-            ("weight_ih", "weight_hh"),
-        )
-        and adapter.hidden_weight_mask() is None
-    )
+    return adapter.names in _COMPACT_NAMES and adapter.hidden_weight_mask() is None
 
 
 # Backend choice ---------------------------------------------------------------

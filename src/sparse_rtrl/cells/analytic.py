@@ -35,9 +35,10 @@ class ElmanAdapter(CellAdapter):
         )
         self.alpha = getattr(cell, "alpha", 1.0)
         self.nonlinearity = getattr(cell, "nonlinearity", "tanh")
+        self._maskable = hasattr(cell, "recurrent_mask")  # LeakyRNNCell's buffer
 
     def hidden_weight_mask(self) -> torch.Tensor | None:
-        return getattr(self.cell, "recurrent_mask", None)
+        return self.cell.recurrent_mask if self._maskable else None
 
     def step(
         self, x: torch.Tensor, state: torch.Tensor, *, jacobian: bool = True
