@@ -8,12 +8,15 @@ timed as a user runs it: `learner.step(x)`, a linear readout and MSE loss,
 lasts at least `MIN_BLOCK_S`), after two single warm-up calls; a call over
 `SLOW_STEP_S` is timed by those two calls only.
 
-Two floors are measured in the same run, on buffers of the same size:
+Two floors are measured with each row they divide, on buffers of the
+learner's influence size, in timed blocks that alternate with the step's (and
+then with the update's), so that a shared machine's slow and fast spells fall
+on both sides of the ratio:
 
 - the memory floor of any update that stores the dense (B, S, P) influence:
   reading and writing it once, 2 B S P bytes-per-element, at the best-of-N
-  bandwidth of `torch.Tensor.copy_` on a (B, S, P) buffer (so the floor is
-  the copy time itself);
+  bandwidth of `torch.Tensor.copy_` of the influence into a second buffer (so
+  the floor is the copy time itself);
 - the compute floor of exact RTRL: the best-of-N time of a preallocated
   (S x S) @ (S x P) matmul (`torch.bmm` for B > 1).
 
@@ -145,21 +148,15 @@ def run_bench(
 def _bench_size(
     config: BenchConfig, size: int, progress: Callable[[BenchRow], None] | None
 ) -> list[BenchRow]:
-    dtype, device = DTYPES[config.dtype], torch.device(config.device)
-    cell = _make_cell(config, size, dtype, device)
+    cell = _make_cell(config, size, DTYPES[config.dtype], torch.device(config.device))
     state_size = 2 * size if config.cell == "lstm" else size
     num_params = sum(p.numel() for p in cell.parameters())
-    shape = (config.batch, state_size, num_params)
-    copy_ms = _copy_floor(shape, dtype, device, config)
-    matmul_ms = None
-
     rows = []
     for name, options in _estimator_plan(config, state_size):
         row = BenchRow(name, size, options.get("num_paths"), state_size, num_params)
         if name == "rtrl":
-            matmul_ms = _matmul_floor(shape, dtype, device, config)
             row.k = state_size
-        _measure(config, cell, name, options, row, copy_ms, matmul_ms)
+        _measure(config, cell, name, options, row)
         rows.append(row)
         if progress is not None:
             progress(row)
@@ -204,8 +201,13 @@ def _make_cell(
 # One estimator -----------------------------------------------------------------
 
 
-def _measure(config, cell, name, options, row, copy_ms, matmul_ms) -> None:
-    """Fill `row` with the timing of estimator `name` on `cell` (never raises)."""
+def _measure(config, cell, name, options, row) -> None:
+    """Fill `row` with the timing of estimator `name` on `cell` (never raises).
+
+    For exact and sparse RTRL the step and the floor are timed in alternating
+    blocks, then the update alone and the floor again: a shared machine's
+    slow and fast spells then fall on both sides of each ratio, whose floor
+    is the best of all its blocks."""
     dense = name in ("rtrl", "sparse_rtrl")
     needed = 2 * math.prod((config.batch, row.state_size, row.num_params))
     needed *= DTYPES[config.dtype].itemsize
@@ -216,7 +218,11 @@ def _measure(config, cell, name, options, row, copy_ms, matmul_ms) -> None:
     try:
         learner = ESTIMATORS[name](cell, **options)
         step = _online_step(config, cell, learner)
-        seconds = _best_time(step, config)
+        if dense:
+            floor = _floor_call(learner, name)
+            seconds, floor_s = _best_times([step, floor], config)
+        else:
+            seconds = _best_time(step, config)
     except (RuntimeError, MemoryError, ValueError, TypeError) as error:
         row.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"
         return
@@ -224,12 +230,13 @@ def _measure(config, cell, name, options, row, copy_ms, matmul_ms) -> None:
     row.steps_per_s = 1.0 / seconds
     row.peak_mib = _peak_memory_mib(config.device)
     if dense:
-        _dense_columns(config, learner, row, copy_ms, matmul_ms, seconds)
+        _dense_columns(config, learner, row, seconds, floor, floor_s)
+        del floor
     del learner, step
     gc.collect()
 
 
-def _dense_columns(config, learner, row, copy_ms, matmul_ms, seconds) -> None:
+def _dense_columns(config, learner, row, seconds, floor, floor_s) -> None:
     itemsize = DTYPES[config.dtype].itemsize
     elements = config.batch * row.state_size * row.num_params
     if row.estimator == "sparse_rtrl":
@@ -241,12 +248,30 @@ def _dense_columns(config, learner, row, copy_ms, matmul_ms, seconds) -> None:
     passes = 2 if row.backend == "numba" else 3  # numba: gradient in the pass
     row.gflops = 2 * elements * (row.k + 1) / seconds / 1e9
     row.gbs = passes * elements * itemsize / seconds / 1e9
-    floor = matmul_ms if row.estimator == "rtrl" else copy_ms
-    row.floor_ms = floor
-    row.vs_floor = row.ms_per_step / floor
     update = _update_call(learner, row.estimator)
-    row.update_ms = 1e3 * _best_time(update, config)
-    row.update_vs_floor = row.update_ms / floor
+    update_s, floor_again = _best_times([update, floor], config)
+    row.floor_ms = 1e3 * min(floor_s, floor_again)
+    row.vs_floor = row.ms_per_step / row.floor_ms
+    row.update_ms = 1e3 * update_s
+    row.update_vs_floor = row.update_ms / row.floor_ms
+
+
+def _floor_call(learner, name: str) -> Callable[[], object]:
+    """The row's floor on buffers of its learner's influence size: for exact
+    RTRL a preallocated matmul of its shape into its spare buffer (which the
+    next step overwrites whole), for sparse `copy_` of its influence into a
+    buffer of the same size (reading and writing it once)."""
+    memory = learner.memory
+    influence = memory.influence
+    if name != "rtrl":
+        target = torch.empty_like(influence)
+        return lambda: target.copy_(influence)
+    batch, size, _ = influence.shape
+    left = torch.randn(batch, size, size, dtype=influence.dtype)
+    left = left.to(influence.device)
+    if batch == 1:  # the buffers swap every step: read them at each call
+        return lambda: torch.mm(left[0], memory.influence[0], out=memory._spare[0])
+    return lambda: torch.bmm(left, memory.influence, out=memory._spare)
 
 
 def _update_call(learner, name: str) -> Callable[[], object]:
@@ -315,13 +340,23 @@ def _adam(params: list[torch.Tensor]) -> torch.optim.Optimizer:
 
 def _best_time(fn: Callable[[], object], config: BenchConfig) -> float:
     """Best seconds per call over `config.repeats` blocks (two warm-up calls)."""
-    repeats = config.repeats
-    first = _timed_block(fn, 1, config)
-    first = min(first, _timed_block(fn, 1, config))
-    if first > SLOW_STEP_S:
-        return first  # the best of the two calls: enough at this length
-    calls = max(1, min(MAX_BLOCK_STEPS, int(MIN_BLOCK_S / max(first, 1e-6))))
-    return min(_timed_block(fn, calls, config) for _ in range(repeats))
+    return _best_times([fn], config)[0]
+
+
+def _best_times(fns: list[Callable[[], object]], config: BenchConfig) -> list[float]:
+    """`_best_time` of each function, their blocks taken in turn."""
+    firsts = [min(_timed_block(fn, 1, config) for _ in range(2)) for fn in fns]
+    calls = [
+        max(1, min(MAX_BLOCK_STEPS, int(MIN_BLOCK_S / max(first, 1e-6))))
+        for first in firsts
+    ]
+    # The best of the two calls is enough for a call over SLOW_STEP_S.
+    best = [first if first > SLOW_STEP_S else math.inf for first in firsts]
+    for _ in range(config.repeats):
+        for i, fn in enumerate(fns):
+            if firsts[i] <= SLOW_STEP_S:
+                best[i] = min(best[i], _timed_block(fn, calls[i], config))
+    return best
 
 
 def _timed_block(fn: Callable[[], object], calls: int, config: BenchConfig) -> float:
@@ -332,28 +367,6 @@ def _timed_block(fn: Callable[[], object], calls: int, config: BenchConfig) -> f
         fn()
     _synchronize(config.device)
     return (clock() - start) / calls
-
-
-def _copy_floor(shape, dtype, device, config) -> float:
-    """ms of `copy_` of a (B, S, P) buffer: reading and writing it once."""
-    source = torch.randn(shape, dtype=dtype, device=device)
-    target = torch.empty_like(source)
-    return 1e3 * _best_time(lambda: target.copy_(source), config)
-
-
-def _matmul_floor(shape, dtype, device, config) -> float:
-    """ms of a preallocated (S x S) @ (S x P) product, as exact RTRL's update."""
-    batch, size, num_params = shape
-    left = torch.randn(batch, size, size, dtype=dtype, device=device)
-    right = torch.randn(shape, dtype=dtype, device=device)
-    out = torch.empty_like(right)
-
-    def call() -> torch.Tensor:
-        if batch == 1:
-            return torch.mm(left[0], right[0], out=out[0])
-        return torch.bmm(left, right, out=out)
-
-    return 1e3 * _best_time(call, config)
 
 
 def _synchronize(device: str) -> None:
