@@ -218,6 +218,8 @@ def _measure(config, cell, name, options, row) -> None:
     try:
         learner = ESTIMATORS[name](cell, **options)
         step = _online_step(config, cell, learner)
+        # One step has run: the learner's buffers exist; the floor's do not count.
+        row.peak_mib = _peak_memory_mib(config.device)
         if dense:
             floor = _floor_call(learner, name)
             seconds, floor_s = _best_times([step, floor], config)
@@ -228,7 +230,6 @@ def _measure(config, cell, name, options, row) -> None:
         return
     row.ms_per_step = 1e3 * seconds
     row.steps_per_s = 1.0 / seconds
-    row.peak_mib = _peak_memory_mib(config.device)
     if dense:
         _dense_columns(config, learner, row, seconds, floor, floor_s)
         del floor
