@@ -269,12 +269,11 @@ def _gate_values(adapter: CellAdapter, immediate: GateJacobian) -> torch.Tensor:
 
 def _parameter_row(adapter: CellAdapter, immediate: GateJacobian) -> torch.Tensor:
     """(B, W): what multiplies a gate row's coefficient in each of its
-    parameters, in the order of `adapter.names` (x, h, then 1 per bias)."""
-    sources = {"weight_ih": immediate.input, "weight_hh": immediate.hidden}
+    parameters, in the compact layout's order: x, h, then 1 for each bias."""
+    x, h = immediate.input, immediate.hidden
     biases = len(adapter.names) - 2
     if biases == 0:
-        return torch.cat([sources[name] for name in adapter.names], dim=1)
-    x = immediate.input
+        return torch.cat((x, h), dim=1)
     ones = _ones.get(adapter)
     if ones is None or (ones.shape[0], ones.dtype, ones.device) != (
         x.shape[0],
@@ -282,7 +281,7 @@ def _parameter_row(adapter: CellAdapter, immediate: GateJacobian) -> torch.Tenso
         x.device,
     ):
         ones = _ones[adapter] = x.new_ones(x.shape[0], biases)
-    return torch.cat((x, immediate.hidden, ones), dim=1)
+    return torch.cat((x, h, ones), dim=1)
 
 
 def _gate_index(
