@@ -96,9 +96,17 @@ def _prefetch_intrinsic(typingctx, array, index):  # pragma: no cover - jit
 
 
 @numba.njit(inline="always", boundscheck=False)
-def _prefetch_row(row, lo, hi):  # pragma: no cover - jit
-    # One prefetch per 64-byte cache line of row[lo:hi].
-    for p in range(lo, hi, max(1, 64 // row.itemsize)):
+def _prefetch_next(influence, job, last, tile, i):  # pragma: no cover - jit
+    # Row i of job + 1's tile (if this thread runs it), one prefetch per
+    # 64-byte cache line: called once per row of job's tile, so the next
+    # tile's reads are spread over this tile's work.
+    if job + 1 >= last:
+        return
+    num_params = influence.shape[2]
+    tiles = (num_params + tile - 1) // tile
+    row = influence[(job + 1) // tiles, i]
+    lo = ((job + 1) % tiles) * tile
+    for p in range(lo, min(lo + tile, num_params), max(1, 64 // row.itemsize)):
         _prefetch_intrinsic(row, p)
 
 
@@ -163,15 +171,8 @@ def _gather_tiles_py(
             for i in range(size):
                 _copy_row(influence[b, i, lo:hi], scratch[i, : hi - lo])
             rows, start = scratch, 0
-        # The next job's tile is prefetched row by row while this one is
-        # formed, so its reads overlap this tile's arithmetic.
-        ahead = job + 1 < last
-        next_b = (job + 1) // tiles
-        next_lo = ((job + 1) % tiles) * tile
-        next_hi = min(next_lo + tile, num_params)
         for i in range(size):
-            if ahead:
-                _prefetch_row(influence[next_b, i], next_lo, next_hi)
+            _prefetch_next(influence, job, last, tile, i)
             target = out[b, i, lo:hi]
             _combine_row(
                 rows,
