@@ -58,7 +58,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 CACHE_BYTES = 2 << 20  # the influence tile kept in cache (L2 to L3)
 MIN_TILE_BYTES = 4096  # a page per row: hardware prefetch runs whole pages
 MIN_JOB_ELEMENTS = 1 << 16  # below this many outputs per thread, stay serial
-IN_PLACE_CACHE_BYTES = 1 << 20  # the scratch copy of a tile, in place (L2)
+IN_PLACE_CACHE_BYTES = 512 << 10  # the scratch copy of a tile, in place (L2)
 _IMPORT_PID = os.getpid()
 _scratch_cache = threading.local()
 
@@ -284,7 +284,8 @@ _gradient_split = _compile(_gradient_split_py, parallel=True)
 def tile_width(size: int, itemsize: int, in_place: bool = False) -> int:
     """Columns per tile. Reading the influence directly, S rows of a tile fill
     about `CACHE_BYTES`, at least a page per row; in place, the scratch copy
-    of the tile fills about `IN_PLACE_CACHE_BYTES` (the core's L2), at least
+    of the tile fills about `IN_PLACE_CACHE_BYTES` (half the core's L2; the
+    next tile's prefetch takes the other half), at least
     half a page per row (both measured best on the machine above)."""
     budget, least = (
         (IN_PLACE_CACHE_BYTES, MIN_TILE_BYTES // 2)
