@@ -287,9 +287,9 @@ _gradient_split = _compile(_gradient_split_py, parallel=True)
 def tile_width(size: int, itemsize: int, in_place: bool = False) -> int:
     """Columns per tile. Reading the influence directly, S rows of a tile fill
     about `CACHE_BYTES`, at least a page per row; in place, the scratch copy
-    of the tile fills about `IN_PLACE_CACHE_BYTES` (half the core's L2; the
-    next tile's prefetch takes the other half), at least
-    half a page per row (both measured best on the machine above)."""
+    of the tile fills about `IN_PLACE_CACHE_BYTES` (half the core's L2, the
+    next tile's prefetch taking the other half), at least half a page per
+    row (both measured best on the machine above)."""
     budget, least = (
         (IN_PLACE_CACHE_BYTES, MIN_TILE_BYTES // 2)
         if in_place
