@@ -99,17 +99,17 @@ def _prefetch_intrinsic(typingctx, array, index):  # pragma: no cover - jit
 
 
 @numba.njit(inline="always", boundscheck=False)
-def _prefetch_next(influence, job, last, tile, i):  # pragma: no cover - jit
-    # Row i of job + 1's tile (if this thread runs it), one prefetch per
-    # 64-byte cache line: called once per row of job's tile, so the next
-    # tile's reads are spread over this tile's work.
-    if job + 1 >= last:
-        return
-    num_params = influence.shape[2]
+def _tile_bounds(job, tile, num_params):  # pragma: no cover - jit
+    # Job j is column tile j % tiles of stream j // tiles: (b, lo, hi).
     tiles = (num_params + tile - 1) // tile
-    row = influence[(job + 1) // tiles, i]
-    lo = ((job + 1) % tiles) * tile
-    for p in range(lo, min(lo + tile, num_params), max(1, 64 // row.itemsize)):
+    lo = (job % tiles) * tile
+    return job // tiles, lo, min(lo + tile, num_params)
+
+
+@numba.njit(inline="always", boundscheck=False)
+def _prefetch_row(row, lo, hi):  # pragma: no cover - jit
+    # One prefetch per 64-byte cache line of row[lo:hi] (none if lo >= hi).
+    for p in range(lo, hi, max(1, 64 // row.itemsize)):
         _prefetch_intrinsic(row, p)
 
 
@@ -162,20 +162,23 @@ def _gather_tiles_py(
     # still in cache. With a scratch (S, tile) the update runs in place (`out`
     # is `influence`): the tile is copied into it first and read from there.
     batch, size, num_params = influence.shape
-    tiles = (num_params + tile - 1) // tile
     fused = credit.shape[0] > 0
     in_place = scratch.shape[0] > 0
     for job in range(first, last):
-        b = job // tiles
-        lo = (job % tiles) * tile
-        hi = min(lo + tile, num_params)
+        b, lo, hi = _tile_bounds(job, tile, num_params)
+        # This thread's next tile is prefetched a row per output row, so its
+        # reads are spread over this tile's work (none after the last job).
+        ahead = min(job + 1, last - 1)
+        next_b, next_lo, next_hi = _tile_bounds(ahead, tile, num_params)
+        if ahead == job:
+            next_hi = next_lo
         rows, start = influence[b], lo  # where the tile's rows are read from
         if in_place:
             for i in range(size):
                 _copy_row(influence[b, i, lo:hi], scratch[i, : hi - lo])
             rows, start = scratch, 0
         for i in range(size):
-            _prefetch_next(influence, job, last, tile, i)
+            _prefetch_row(influence[next_b, i], next_lo, next_hi)
             target = out[b, i, lo:hi]
             _combine_row(
                 rows,
@@ -210,11 +213,8 @@ def _add_row(total, c, row):  # pragma: no cover - jit
 def _gradient_tiles_py(influence, credit, grad, tile, first, last):  # pragma: no cover
     # The gradient of `_gather_tiles_py` alone, in its order of operations.
     batch, size, num_params = influence.shape
-    tiles = (num_params + tile - 1) // tile
     for job in range(first, last):
-        b = job // tiles
-        lo = (job % tiles) * tile
-        hi = min(lo + tile, num_params)
+        b, lo, hi = _tile_bounds(job, tile, num_params)
         for i in range(size):
             _add_row(grad[b, lo:hi], credit[b, i], influence[b, i, lo:hi])
 
