@@ -92,8 +92,9 @@ def test_numba_tiles_and_threads_cover_every_column(monkeypatch, dtype):
 def test_numba_in_place_equals_out_of_place(monkeypatch, dtype):
     """In place (`out` is `influence`: each tile is copied to a scratch first)
     gives the same bits as into a second buffer, immediate entries and the
-    fused gradient included, over several tiles and 2 threads; and both equal
-    the definition."""
+    fused gradient included, over several tiles and 2 threads (a thread's run
+    of tiles crossing from one stream to the next, entries on tile edges); and
+    both equal the definition."""
     from sparse_rtrl._native import numba_cpu
 
     monkeypatch.setattr(numba_cpu, "CACHE_BYTES", 1)
@@ -101,12 +102,14 @@ def test_numba_in_place_equals_out_of_place(monkeypatch, dtype):
     monkeypatch.setattr(numba_cpu, "MIN_TILE_BYTES", 64 * 8)
     monkeypatch.setattr(numba_cpu, "MIN_JOB_ELEMENTS", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    batch, size, num_params, entries = 2, 6, 64 * 5 + 37, 7
+    batch, size, num_params, entries = 3, 6, 64 * 5 + 37, 7
     influence, index, weight = _random_update(batch, size, num_params, 5, dtype)
     gen = torch.Generator().manual_seed(1)
     columns = torch.stack(
         [torch.randperm(num_params, generator=gen)[:entries] for _ in range(size)]
     )
+    # Unit 0's entries on the edges of the 64- and 128-column tiles.
+    columns[0] = torch.tensor([0, 63, 64, 127, 128, 256, num_params - 1])
     columns, order = columns.sort(dim=1)
     values = torch.randn(batch, size, entries, generator=gen, dtype=dtype)
     credit = torch.randn(batch, size, generator=gen, dtype=dtype)

@@ -164,8 +164,16 @@ def _gather_tiles_py(
     batch, size, num_params = influence.shape
     fused = credit.shape[0] > 0
     in_place = scratch.shape[0] > 0
+    entries = columns.shape[0] > 0
+    # cursor[i]: unit i's first entry at or after the tile's first column. A
+    # thread's tiles of a stream run left to right, so a tile starts where the
+    # previous one stopped; a bisection only at its first tile of each stream.
+    cursor = np.zeros(size, np.int64)
     for job in range(first, last):
         b, lo, hi = _tile_bounds(job, tile, num_params)
+        if entries and (job == first or lo == 0):
+            for i in range(size):
+                cursor[i] = np.searchsorted(columns[i], lo)
         # This thread's next tile is prefetched a row per output row, so its
         # reads are spread over this tile's work (none after the last job).
         ahead = min(job + 1, last - 1)
@@ -188,12 +196,12 @@ def _gather_tiles_py(
                 start,
                 start + hi - lo,
             )
-            # The unit's columns are sorted: only the entries inside the tile.
-            unit_columns = columns[i]
-            first_entry = np.searchsorted(unit_columns, lo)
-            last_entry = np.searchsorted(unit_columns, hi)
-            for e in range(first_entry, last_entry):
-                target[unit_columns[e] - lo] += values[b, i, order[i, e]]
+            if entries:  # the unit's entries inside the tile (columns sorted)
+                unit_columns, e = columns[i], cursor[i]
+                while e < unit_columns.shape[0] and unit_columns[e] < hi:
+                    target[unit_columns[e] - lo] += values[b, i, order[i, e]]
+                    e += 1
+                cursor[i] = e
             if fused:
                 _add_row(grad[b, lo:hi], credit[b, i], target)
 
