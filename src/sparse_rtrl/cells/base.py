@@ -88,7 +88,11 @@ class CellAdapter(ABC):
         self.names = [name for name, _ in cell.named_parameters()]
         self.params = [param for _, param in cell.named_parameters()]
         self.param_slices = _slices([p.numel() for p in self.params])
-        self._layouts = [(p.shape, _row_major(p.shape)) for p in self.params]
+        # Each parameter's shape and contiguous strides (of a meta tensor: no
+        # memory), for its view of a flat (P,) gradient.
+        self._layouts = [
+            (p.shape, torch.empty(p.shape, device="meta").stride()) for p in self.params
+        ]
         self.num_params = sum(p.numel() for p in self.params)
         if self.num_params == 0:
             raise ValueError(
@@ -258,15 +262,6 @@ def _same(current, params: list[torch.Tensor]) -> bool:
     return len(current) == len(params) and all(
         a is b for a, b in zip(current, params, strict=True)
     )
-
-
-def _row_major(shape: torch.Size) -> tuple[int, ...]:
-    """The strides of a contiguous tensor of this shape."""
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def _slices(sizes: list[int]) -> list[slice]:
