@@ -159,6 +159,7 @@ def test_float64_shadow_of_float64_learner_has_zero_drift(kind):
     for learner_of in (
         lambda c: RTRL(c),
         lambda c: SparseRTRL(c, num_paths=2, generator=1, rescale=True),
+        lambda c: SparseRTRL(c, num_paths=4, generator=1),  # k >= S/2: "dense"
     ):
         cell = make_cell(kind, hidden_size=5, seed=7)
         recorder = TrajectoryRecorder(learner_of(cell), drift=True)

@@ -225,6 +225,80 @@ def test_add_immediate_equals_the_adapter(case):
     assert rel_error([fast], [expected]) < 1e-15
 
 
+@pytest.mark.parametrize("case", IMMEDIATE_CASES)
+def test_add_immediate_in_either_storage_order(case):
+    """A column-major influence (RTRL's) gets the same immediate entries as a
+    row-major one, by the compact scatter-add and by the adapter's blocks."""
+    cell = _immediate_cell(case)
+    learner = SparseRTRL(cell, num_paths=1)
+    xs, _ = make_stream(2, 2)
+    learner.step(xs[0])
+    adapter, state = learner.adapter, learner.memory.state
+    with torch.no_grad():
+        step = adapter.step(xs[1], state, jacobian=False)
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.randn(learner.memory.influence.shape, generator=gen, dtype=state.dtype)
+    columns = kernels.with_layout(rows, True)
+    assert kernels.column_major(columns) and torch.equal(columns, rows)
+    kernels.add_immediate(adapter, rows, step.immediate)
+    kernels.add_immediate(adapter, columns, step.immediate)
+    assert kernels.column_major(columns)
+    assert torch.equal(columns, rows)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_exact_update_and_gradient_in_either_storage_order(batch):
+    gen = torch.Generator().manual_seed(5)
+    jacobian = torch.randn(batch, 6, 6, generator=gen, dtype=torch.float64)
+    rows = torch.randn(batch, 6, 17, generator=gen, dtype=torch.float64)
+    credit = torch.randn(batch, 6, generator=gen, dtype=torch.float64)
+    columns = kernels.with_layout(rows, True)
+    out_rows = torch.empty_like(rows)
+    out_columns = torch.empty_like(columns)  # keeps the column-major strides
+    kernels.propagate_exact(jacobian, rows, out_rows)
+    kernels.propagate_exact(jacobian, columns, out_columns)
+    assert kernels.column_major(out_columns)
+    assert rel_error([out_columns], [out_rows]) < 1e-15
+    expected = torch.einsum("bs,bsp->p", credit, rows)
+    for influence in (rows, columns):
+        got = kernels.influence_gradient(credit, influence)
+        assert rel_error([got], [expected]) < 1e-15
+
+
+def test_row_reading_backends_refuse_a_column_major_influence():
+    influence, index, weight = _random_update(1, 4, 9, 2, torch.float64)
+    columns = kernels.with_layout(influence, True)
+    for backend in ["torch", "reference"] + (["numba"] if numba_available() else []):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match="row-major"):
+            kernels.propagate_sparse(columns, index, weight, torch.empty_like(columns))
+    with kernels.use_backend("dense"):  # the product takes either order
+        out = kernels.propagate_sparse(
+            columns, index, weight, torch.empty_like(columns)
+        )
+    assert rel_error([out], [_reference(influence, index, weight)]) < 1e-15
+
+
+def test_sparse_rtrl_changes_storage_order_with_its_backend():
+    """k = S multiplies column-major on the "dense" backend; switched to a
+    gather mid-run the learner moves its influence to row-major and back,
+    and its gradients are those of a run on the reference path throughout."""
+    kind, dtype = "rnn_tanh", torch.float64
+    xs, ys = make_stream(2, 6, dtype=dtype)
+    runs = {}
+    for plan in (["reference"] * 6, ["auto"] * 2 + ["reference"] * 2 + ["auto"] * 2):
+        cell = make_cell(kind, 5, dtype=dtype)
+        learner = SparseRTRL(cell, num_paths=5, generator=0)
+        readout = make_readout(cell)
+        grads, orders = [], []
+        for backend, x, y in zip(plan, xs, ys, strict=True):
+            with kernels.use_backend(backend):
+                grads += online_gradients(learner, cell, readout, [x], [y])
+                orders.append(kernels.column_major(learner.memory.influence))
+        runs[plan[0]] = (grads, orders)
+    assert runs["auto"][1] == [True, True, False, False, True, True]
+    assert rel_error(runs["auto"][0], runs["reference"][0]) < 1e-12
+
+
 @pytest.mark.parametrize("keep_self", [False, True])
 def test_floyd_selection_is_a_uniform_subset(keep_self):
     from sparse_rtrl.estimators.sparse_rtrl import FLOYD_MIN_CANDIDATES

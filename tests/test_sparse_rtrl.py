@@ -60,11 +60,18 @@ def _check_all_paths_equal_exact_rtrl(kind, selection, keep_self, resample):
 @pytest.mark.parametrize("kind", sorted(CELL_FACTORIES))
 @pytest.mark.parametrize("keep_self", [False, True])
 @pytest.mark.parametrize("rescale", [False, True])
-def test_all_paths_are_bitwise_exact_rtrl_in_float32(kind, keep_self, rescale):
-    """With every path kept the default backend multiplies by J_t itself, so the
-    float32 influence and gradients are exact RTRL's bit for bit: a long online
-    run through the sparse code follows exact RTRL's trajectory, with no
-    rounding difference for the optimizer to amplify."""
+@pytest.mark.parametrize("column_major", [True, False])
+def test_all_paths_are_bitwise_exact_rtrl_in_float32(
+    kind, keep_self, rescale, column_major, monkeypatch
+):
+    """With every path kept the default backend multiplies by J_t itself, in
+    the storage order exact RTRL uses (column-major for these small cells; row
+    -major past `COLUMN_MAJOR_MAX_STATE`, here lowered), so the float32
+    influence and gradients are exact RTRL's bit for bit: a long online run
+    through the sparse code follows exact RTRL's trajectory, with no rounding
+    difference for the optimizer to amplify."""
+    if not column_major:
+        monkeypatch.setattr(kernels, "COLUMN_MAJOR_MAX_STATE", 1)
     cell = make_cell(kind, seed=5, dtype=torch.float32)
     readout = make_readout(cell)
     xs, ys = make_stream(batch=2, steps=15, seed=6, dtype=torch.float32)
@@ -81,6 +88,8 @@ def test_all_paths_are_bitwise_exact_rtrl_in_float32(kind, keep_self, rescale):
         got = online_gradients(sparse, cell, readout, xs, ys)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert torch.equal(sparse.memory.influence, exact.memory.influence)
+    for influence in (sparse.memory.influence, exact.memory.influence):
+        assert kernels.column_major(influence) == column_major
 
 
 def _truncated_gradients(cell, readout, xs, ys):

@@ -378,13 +378,17 @@ class _Shadow:
         kind = {"dtype": self.dtype, "device": self.adapter.device}
         if memory.state is None:
             self.state = torch.zeros(batch, self.adapter.state_size, **kind)
-            self.influence = torch.zeros(shape, **kind)
+            # RTRL's storage order; a sparse one is set per step, as the learner's.
+            column = not self.sparse and kernels.exact_column_major(
+                shape[1], self.adapter.device
+            )
+            self.influence = kernels.new_influence(*shape, column_major=column, **kind)
             self.step_count = 0
         else:
             self.state = memory.state.to(**kind, copy=True)
-            self.influence = memory.influence.to(**kind, copy=True)
+            self.influence = memory.influence.to(**kind, copy=True)  # same order
             self.step_count = memory.step_count
-        self.spare = torch.zeros(shape, **kind)
+        self.spare = torch.zeros_like(self.influence)
         self.started = True
 
     @torch.no_grad()
@@ -401,6 +405,10 @@ class _Shadow:
         if self.sparse:
             index = learner.memory.path_index
             weight = jacobian.gather(2, index) * self.scale
+            column = kernels.prefers_column_major(self.influence, index.shape[2])
+            if kernels.column_major(self.influence) != column:
+                self.influence = kernels.with_layout(self.influence, column)
+                self.spare = torch.empty_like(self.influence)
             kernels.propagate_sparse(self.influence, index, weight, self.spare)
         elif first:
             self.spare.zero_()

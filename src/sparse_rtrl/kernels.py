@@ -5,6 +5,8 @@ here. Each function writes into a preallocated `out` (double buffering: no
 allocation per step) and is the single place a faster implementation plugs in.
 
 - `propagate_exact`: out = J M, a batched matmul, Eq. (1) of `RTRL`.
+- `new_influence`, `column_major`, `with_layout`: the two storage orders of a
+  (B, S, P) influence (below).
 - `propagate_sparse`: out[b, i] = sum_j w[b, i, j] M[b, idx[b, i, j]], Eq. (1)
   of `SparseRTRL`, through the fastest backend available (below).
 - `propagate_sparse_reference`: the same, written as the plain loop over the K
@@ -42,6 +44,23 @@ environment variable `SPARSE_RTRL_KERNELS`):
   dense product 0.57 / 0.60 ms; at S=256, K=64 the gather takes 79 ms and the
   dense product 129 ms.
 
+Storage order. An influence is always a (B, S, P) tensor, stored either
+row-major (contiguous: each unit's row of P entries in one run, what the
+gathers of the "numba", "torch" and "reference" backends read) or
+column-major (a (B, P, S) buffer seen through its transposed view).
+`exact_column_major` says which order exact RTRL's product J M runs in: on
+the CPU, up to `COLUMN_MAJOR_MAX_STATE` units, column-major. MKL multiplies
+that shape faster (2-core CPU, float32, the product alone: n = 64 197 against
+245 us, n = 96 0.93 against 1.11 ms, n = 192 16.8 against 18.6 ms), but the
+gradient c_t M_t, a product with rows of only S entries there, runs slower
+(n = 64 28 against 23 us, n = 192 3.3 against 0.8 ms, n = 256 7.9 against
+2.6 ms). Over the whole online step, alternated in one process: n = 64
+0.62-0.69 against 0.70-0.74 ms, n = 96 1.63 against 2.18 ms, n = 128 the same
+to 3 %, n = 160-192 3-6 % slower (docs/performance.md). `RTRL` stores its
+influence in that order, and so does `SparseRTRL` while it runs the "dense"
+backend, which keeps k = S exact RTRL's own product, bit for bit.
+`add_immediate` and `influence_gradient` take either order.
+
 The update needs no autograd: the estimators call it under `torch.no_grad()`.
 """
 
@@ -61,12 +80,16 @@ ENVIRONMENT_VARIABLE = "SPARSE_RTRL_KERNELS"
 GATHER_BYTES = 4 << 20  # gathered rows per column tile of the "torch" backend
 CUDA_GATHER_BYTES = 256 << 20
 DENSE_MIN_FRACTION = 0.5  # "auto" multiplies densely from K = S / 2 on (measured)
+COLUMN_MAJOR_MAX_STATE = 128  # exact RTRL's influence column-major up to here
 
 _backend: str | None = None  # None: read the environment variable
 _immediate_index: "weakref.WeakKeyDictionary[CellAdapter, torch.Tensor]" = (
     weakref.WeakKeyDictionary()
 )
 _ones: "weakref.WeakKeyDictionary[CellAdapter, torch.Tensor]" = (
+    weakref.WeakKeyDictionary()
+)
+_column_index: "weakref.WeakKeyDictionary[CellAdapter, torch.Tensor]" = (
     weakref.WeakKeyDictionary()
 )
 _ColumnsAndOrder = tuple[torch.Tensor, torch.Tensor]
@@ -78,8 +101,73 @@ _immediate_columns: "weakref.WeakKeyDictionary[CellAdapter, _ColumnsAndOrder]" =
 def propagate_exact(
     recurrent_jacobian: torch.Tensor, influence: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
-    """out = J @ M. Shapes: J (B, S, S), M and out (B, S, P)."""
+    """out = J @ M. Shapes: J (B, S, S), M and out (B, S, P), both row-major
+    or both column-major (`torch.bmm` runs on either without a copy)."""
     return torch.bmm(recurrent_jacobian, influence, out=out)
+
+
+def new_influence(
+    batch: int,
+    size: int,
+    num_params: int,
+    *,
+    column_major: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """A zero (B, S, P) influence, stored row-major or column-major (the
+    transposed view of a contiguous (B, P, S) buffer; see the module doc)."""
+    if not column_major:
+        return torch.zeros(batch, size, num_params, dtype=dtype, device=device)
+    buffer = torch.zeros(batch, num_params, size, dtype=dtype, device=device)
+    return buffer.transpose(1, 2)
+
+
+def exact_column_major(size: int, device: torch.device) -> bool:
+    """Whether exact RTRL's influence of S = `size` units is stored
+    column-major on `device` (measured on the CPU only; see the module doc)."""
+    return torch.device(device).type == "cpu" and size <= COLUMN_MAJOR_MAX_STATE
+
+
+def prefers_column_major(influence: torch.Tensor, paths: int) -> bool:
+    """Whether `propagate_sparse` with `paths` (K) runs on a column-major
+    influence: with the "dense" backend, whose product is `propagate_exact`'s,
+    where exact RTRL's runs column-major."""
+    return (
+        paths > 0
+        and exact_column_major(influence.shape[1], influence.device)
+        and resolve_backend(influence, paths) == "dense"
+    )
+
+
+def column_major(influence: torch.Tensor) -> bool:
+    """Whether a (B, S, P) influence is stored column-major and not also
+    row-major (with S = 1 or P = 1 the two orders are one)."""
+    # Read from the strides (no view made: this runs every step).
+    batch, size, num_params = influence.shape
+    batch_stride, unit_stride, param_stride = influence.stride()
+    return (
+        size > 1
+        and num_params > 1
+        and (unit_stride, param_stride) == (1, size)
+        and (batch == 1 or batch_stride == size * num_params)
+    )
+
+
+def with_layout(influence: torch.Tensor, column: bool) -> torch.Tensor:
+    """`influence` in the asked storage order: itself, or a copy (same values)."""
+    if column_major(influence) == column:
+        return influence
+    batch, size, num_params = influence.shape
+    out = new_influence(
+        batch,
+        size,
+        num_params,
+        column_major=column,
+        dtype=influence.dtype,
+        device=influence.device,
+    )
+    return out.copy_(influence)
 
 
 def propagate_sparse(
@@ -90,13 +178,20 @@ def propagate_sparse(
 ) -> torch.Tensor:
     """out[b, i] = sum_j path_weight[b, i, j] * influence[b, path_index[b, i, j]].
 
-    Shapes: influence and out (B, S, P), distinct contiguous buffers;
+    Shapes: influence and out (B, S, P), distinct buffers in one storage
+    order, row-major for every backend but "dense" (which takes either);
     path_index (B, S, K) int64; path_weight (B, S, K). K = 0 gives zeros.
     Runs the backend `resolve_backend` picks for these tensors.
     """
     if path_index.shape[2] == 0:
         return out.zero_()
     backend = resolve_backend(influence, path_index.shape[2])
+    if backend != "dense" and not (influence.is_contiguous() and out.is_contiguous()):
+        raise ValueError(
+            f"kernels.propagate_sparse: the {backend!r} backend reads rows and "
+            "needs row-major (contiguous) `influence` and `out`; got a "
+            "column-major or strided one. Pass `kernels.with_layout(x, False)`."
+        )
     if backend == "numba":
         from ._native import numba_cpu
 
@@ -201,11 +296,13 @@ def propagate_sparse_reference(
 
 
 def influence_gradient(credit: torch.Tensor, influence: torch.Tensor) -> torch.Tensor:
-    """g = sum_b credit_b @ influence_b. Shapes: credit (B, S), influence (B, S, P)."""
+    """g = sum_b credit_b @ influence_b. Shapes: credit (B, S), influence (B, S, P)
+    in either storage order."""
     batch, size, num_params = influence.shape
-    return torch.mm(credit.reshape(1, batch * size), influence.reshape(-1, num_params))[
-        0
-    ]
+    if batch > 1 and column_major(influence):  # rows of streams do not merge
+        return torch.bmm(credit.unsqueeze(1), influence).sum(0)[0]
+    flat = influence.reshape(-1, num_params)  # a view (B = 1 or row-major)
+    return torch.mm(credit.reshape(1, batch * size), flat)[0]
 
 
 def add_immediate(
@@ -222,7 +319,9 @@ def add_immediate(
         weight_hh: wrt_hidden_preact[s, g] hidden[l],
         bias_ih: wrt_input_preact[s, g], bias_hh: wrt_hidden_preact[s, g].
 
-    Anything else (a dense immediate, a masked cell) goes to the adapter.
+    In a column-major influence the same entry sits at q S P + p S + s for
+    its column p and unit s. Anything else (a dense immediate, a masked cell)
+    goes to the adapter.
     """
     index = _gate_index(adapter, immediate, influence.device)
     if index is None:
@@ -230,7 +329,20 @@ def add_immediate(
         return
     values = _gate_values(adapter, immediate)
     batch = influence.shape[0]
+    if column_major(influence):
+        influence = influence.transpose(1, 2)  # the contiguous (B, P, S) buffer
+        index = _column_major_index(adapter, index)
     influence.view(batch, -1).index_add_(1, index, values.view(batch, -1))
+
+
+def _column_major_index(adapter: CellAdapter, index: torch.Tensor) -> torch.Tensor:
+    """`_gate_index`'s positions s P + p moved to p S + s (cached per adapter)."""
+    cached = _column_index.get(adapter)
+    if cached is None or cached.device != index.device:
+        size, num_params = adapter.state_size, adapter.num_params
+        cached = (index % num_params) * size + index // num_params
+        _column_index[adapter] = cached
+    return cached
 
 
 def _gate_columns(
@@ -395,10 +507,11 @@ def _check_backend(name: str, source: str) -> str:
 
 
 def _numba_fits(influence: torch.Tensor) -> bool:
+    # Either storage order: the learner hands the kernel a row-major one.
     return (
         influence.device.type == "cpu"
         and influence.dtype in (torch.float32, torch.float64)
-        and influence.is_contiguous()
+        and (influence.is_contiguous() or column_major(influence))
         and numba_available()
     )
 

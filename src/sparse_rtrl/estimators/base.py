@@ -252,11 +252,11 @@ class OnlineEstimator(ABC):
 
 
 def _all_finite(x: torch.Tensor) -> bool:
-    # On the CPU without a torch op (a per-step cost at small n): a few values
-    # through Python floats, more through numpy.
+    # x is (B, I). On the CPU without a torch op (a per-step cost at small n):
+    # a few values through Python floats, more through numpy.
     if x.device.type == "cpu":
         if x.numel() <= SMALL_INPUT:
-            return all(map(math.isfinite, x.detach().reshape(-1).tolist()))
+            return all(math.isfinite(v) for row in x.tolist() for v in row)
         if x.dtype in (torch.float32, torch.float64):
             return bool(np.isfinite(x.detach().numpy()).all())
     return bool(torch.isfinite(x).all())

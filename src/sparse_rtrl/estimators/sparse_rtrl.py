@@ -22,7 +22,8 @@ class SparseRTRLState(EstimatorState):
         runs the step's update if `backward` has not run it yet).
     path_index: (B, S, K_kept), the kept incoming paths of each unit (with
         `keep_self`, column 0 is the unit itself); None before the first draw.
-    _current: the influence as of the last update that ran.
+    _current: the influence as of the last update that ran; column-major
+        while the "dense" backend runs, else row-major (see `kernels`).
     _spare: (B, S, P), the buffer M_{t+1} is written into (then swapped) by a
         kernel path that cannot update in place; None until one needs it.
     _pending: the step's deferred update, or None once it has run.
@@ -207,6 +208,12 @@ class SparseRTRL(OnlineEstimator):
         """Eq. (1) along the kept paths plus the immediate part; with a credit
         also Eq. (2) on the result, in the same pass where the backend can."""
         memory._pending = None
+        # The "dense" backend multiplies a column-major influence, as `RTRL`
+        # does (so k = S stays exact RTRL bit for bit); the gathers read rows.
+        column = kernels.prefers_column_major(memory._current, weight.shape[2])
+        if kernels.column_major(memory._current) != column:
+            memory._current = kernels.with_layout(memory._current, column)
+            memory._spare = None
         memory._fused = kernels.fuses_update(
             self.adapter, memory._current, memory.path_index, immediate
         )

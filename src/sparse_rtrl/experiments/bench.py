@@ -18,7 +18,8 @@ on both sides of the ratio:
   bandwidth of `torch.Tensor.copy_` of the influence into a second buffer (so
   the floor is the copy time itself);
 - the compute floor of exact RTRL: the best-of-N time of a preallocated
-  (S x S) @ (S x P) matmul (`torch.bmm` for B > 1).
+  (S x S) @ (S x P) matmul (`torch.bmm` for B > 1) on the learner's own
+  buffers, in their storage order (column-major; see `kernels`).
 
 Columns: ms per step, steps per second, GFLOP/s and GB/s of the influence
 update plus the gradient (flops 2 B S K P + 2 B S P with K = S for exact
