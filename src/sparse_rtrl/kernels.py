@@ -126,7 +126,7 @@ def new_influence(
 def exact_column_major(size: int, device: torch.device) -> bool:
     """Whether exact RTRL's influence of S = `size` units is stored
     column-major on `device` (measured on the CPU only; see the module doc)."""
-    return torch.device(device).type == "cpu" and size <= COLUMN_MAJOR_MAX_STATE
+    return device.type == "cpu" and size <= COLUMN_MAJOR_MAX_STATE
 
 
 def prefers_column_major(influence: torch.Tensor, paths: int) -> bool:
